@@ -1,0 +1,1 @@
+"""pdserve.decode_worker: the decode server (not yet built)."""

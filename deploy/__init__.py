@@ -1,0 +1,1 @@
+"""pdserve.deploy: the `pdserve` command line and, later, cluster launch."""

@@ -1,0 +1,94 @@
+"""Paged attention in pure torch: the CPU path and the specification for GPU kernels.
+
+KV layout, one region per rank: ``[num_layers, num_blocks, 2, num_kv_heads,
+block_size, head_dim]``. Layer-major so a prefill worker can ship layer l while
+computing l+1; K and V of a block adjacent and head-major inside it, so one
+(layer, block) is one contiguous run and a tensor-parallel re-shard is a
+contiguous slice of heads. See docs/architecture.md.
+
+Token ``t`` of a request lives in block ``block_table[t // block_size]`` at offset
+``t % block_size``; the flat "slot" is ``block_id * block_size + offset``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class AttentionMetadata:
+    """Where this step's tokens go and what they attend to.
+
+    Tokens are ordered decodes first (one token per request), then prefill chunks.
+    """
+
+    slot_mapping: torch.Tensor
+    """[num_tokens] flat slot of each new token."""
+    num_decodes: int
+    decode_block_tables: torch.Tensor
+    """[num_decodes, max_blocks] block ids (padding entries point at block 0 and are masked)."""
+    decode_context_lens: torch.Tensor
+    """[num_decodes] tokens each decode attends to, its new token included."""
+    prefill_query_lens: list[int]
+    prefill_context_lens: list[int]
+    prefill_block_ids: list[torch.Tensor]
+    decode_mask: torch.Tensor | None = None
+    """[num_decodes, 1, 1, max_blocks * block_size] True where a key is visible; built once per step."""
+
+    def build_decode_mask(self, block_size: int) -> None:
+        if self.num_decodes:
+            width = self.decode_block_tables.shape[1] * block_size
+            keys = torch.arange(width)
+            self.decode_mask = (keys[None, :] < self.decode_context_lens[:, None])[:, None, None, :]
+
+
+def store_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Write new keys/values into their slots. kv_layer: [N, 2, Hkv, bs, D]; k, v: [T, Hkv, D]."""
+    block_size = kv_layer.shape[3]
+    blocks = torch.div(slot_mapping, block_size, rounding_mode="floor")
+    offsets = slot_mapping - blocks * block_size
+    kv_layer[:, 0][blocks, :, offsets] = k
+    kv_layer[:, 1][blocks, :, offsets] = v
+
+
+def _gather(cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+    """cache: [N, Hkv, bs, D], block_ids: [..., nb] -> [Hkv, ..., nb * bs, D] in one copy."""
+    g = cache.transpose(0, 1)[:, block_ids]  # [Hkv, ..., nb, bs, D]
+    return g.flatten(-3, -2)
+
+
+def paged_attention(
+    q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float
+) -> torch.Tensor:
+    """Attention of this step's queries over the paged cache (new keys already stored).
+
+    q: [T, H, D] -> [T, H, D]. Grouped-query: query head h reads KV head h // (H / Hkv).
+    """
+    out = torch.empty_like(q)
+    k_cache, v_cache = kv_layer[:, 0], kv_layer[:, 1]
+    nd = meta.num_decodes
+    if nd:
+        k = _gather(k_cache, meta.decode_block_tables).transpose(0, 1)  # [B, Hkv, S, D]
+        v = _gather(v_cache, meta.decode_block_tables).transpose(0, 1)
+        o = F.scaled_dot_product_attention(
+            q[:nd].unsqueeze(2), k, v, attn_mask=meta.decode_mask, scale=scale, enable_gqa=True
+        )  # [B, H, 1, D]
+        out[:nd] = o.squeeze(2)
+    start = nd
+    for q_len, ctx_len, block_ids in zip(meta.prefill_query_lens, meta.prefill_context_lens, meta.prefill_block_ids):
+        k = _gather(k_cache, block_ids)[:, :ctx_len]  # [Hkv, ctx, D]
+        v = _gather(v_cache, block_ids)[:, :ctx_len]
+        qs = q[start : start + q_len].transpose(0, 1)  # [H, q_len, D]
+        if q_len == ctx_len:
+            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        else:
+            # Query i sits at position ctx_len - q_len + i and sees keys up to it.
+            qpos = torch.arange(ctx_len - q_len, ctx_len)[:, None]
+            mask = torch.arange(ctx_len)[None, :] <= qpos
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        out[start : start + q_len] = o.transpose(0, 1)
+        start += q_len
+    return out

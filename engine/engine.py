@@ -1,0 +1,203 @@
+"""The engine loop: validate and queue requests, then step = schedule -> run -> process.
+
+``step()`` returns the deltas produced by that step; ``LLM`` (offline) and the
+workers (online) are thin loops around it. An ``n > 1`` request becomes n
+completions named ``{request_id}#{index}`` that share the prompt's KV blocks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .config import EngineConfig
+from .executor import make_executor
+from .kv_cache_manager import KVCacheManager, KVCacheStats
+from .model_runner import kv_block_bytes, order_for_step, prepare_inputs
+from .outputs import CompletionDelta, CompletionOutput, RequestOutput
+from .parallel import TPGroup
+from .request import Request, RequestStatus
+from .sampler import Sampler
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+
+
+class _Completion:
+    """Per-completion output state: detokenizer, stop matching, accumulated result."""
+
+    def __init__(self, request: Request, index: int, tokenizer: Tokenizer | None) -> None:
+        self.request = request
+        p = request.sampling_params
+        self.output = CompletionOutput(index=index, logprobs=[] if p.logprobs is not None else None)
+        self.detok = IncrementalDetokenizer(tokenizer, request.prompt_token_ids, p.skip_special_tokens) if tokenizer else None
+        self.stop = StopStringMatcher(list(p.stop)) if p.stop else None
+        self.num_emitted_chars = 0
+
+    def take_text(self, finished: bool) -> str:
+        """Text not yet streamed. While running, the last (longest stop - 1) chars are held
+        back: they may turn out to be the start of a stop string, which is never sent."""
+        text = self.output.text
+        end = len(text)
+        if not finished and self.stop is not None:
+            end = max(self.num_emitted_chars, end - (self.stop.max_len - 1))
+        delta = text[self.num_emitted_chars : end]
+        self.num_emitted_chars = end
+        return delta
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig, tokenizer: Tokenizer | None = None) -> None:
+        self.config = config
+        self.tokenizer = tokenizer
+        cache = config.cache
+        num_blocks = cache.num_blocks or cache.memory_bytes // kv_block_bytes(config, TPGroup(0, config.parallel.tensor_parallel_size))
+        if num_blocks < 1:
+            raise ValueError(f"KV memory {cache.memory_bytes} bytes holds no block; raise it or set num_blocks")
+        self.num_blocks = num_blocks
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
+        self.sampler = Sampler(config.seed)
+        eos = set(config.model.eos_token_ids)
+        if tokenizer is not None:
+            eos |= tokenizer.eos_token_ids
+        self.eos_token_ids = frozenset(eos)
+        self._completions: dict[str, _Completion] = {}
+        self._groups: dict[str, list[str]] = {}
+        self.last_logits: dict[str, object] = {}
+        """Logits rows of the latest step, by request id (for tests and scoring)."""
+        self.executor = make_executor(config, num_blocks)
+
+    # -- requests ------------------------------------------------------------------
+
+    def tokenize(self, prompt: str | Sequence[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model directory has no tokenizer; pass prompts as token ids")
+            return self.tokenizer.encode(prompt)
+        return list(prompt)
+
+    def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
+        """Validate and queue a request; returns its prompt token ids. Raises ValueError on bad input."""
+        if request_id in self._groups:
+            raise ValueError(f"duplicate request_id {request_id!r}")
+        prompt_ids = self.tokenize(prompt)
+        self._validate(prompt_ids, params)
+        bs = self.config.cache.block_size
+        reqs = []
+        for i in range(params.n):
+            rid = request_id if params.n == 1 else f"{request_id}#{i}"
+            req = Request(rid, list(prompt_ids), params, bs)
+            if i and params.seed is not None:
+                req.generator.manual_seed(params.seed + i * 1_000_003)
+            reqs.append(req)
+            self._completions[rid] = _Completion(req, i, self.tokenizer)
+        self._groups[request_id] = [r.request_id for r in reqs]
+        self.scheduler.add_request(reqs[0], reqs[1:])
+        return prompt_ids
+
+    def _validate(self, prompt_ids: list[int], p: SamplingParams) -> None:
+        if not prompt_ids:
+            raise ValueError("prompt is empty")
+        vocab = self.config.model.vocab_size
+        bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
+        if bad is not None:
+            raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
+        bad = next((t for t in p.stop_token_ids if t >= vocab), None)
+        if bad is not None:
+            raise ValueError(f"stop token id {bad} is outside the vocabulary [0, {vocab})")
+        total = len(prompt_ids) + p.max_tokens
+        if total > self.config.context_len:
+            raise ValueError(
+                f"prompt ({len(prompt_ids)} tokens) + max_tokens ({p.max_tokens}) = {total} exceeds the "
+                f"context length {self.config.context_len}"
+            )
+        needed = self.kv.num_blocks_needed(total)
+        if needed > self.num_blocks:
+            raise ValueError(f"request needs {needed} KV blocks but the pool has {self.num_blocks}")
+        if p.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer; this model directory has none")
+
+    def abort_request(self, request_id: str) -> None:
+        """Abort a request (all its completions) at any point; its blocks are freed now."""
+        for rid in self._groups.pop(request_id, ()):
+            self.scheduler.finish_request(rid, RequestStatus.FINISHED_ABORTED)
+            self._completions.pop(rid, None)
+
+    @property
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_unfinished
+
+    def kv_cache_stats(self) -> KVCacheStats:
+        return self.kv.stats()
+
+    # -- the loop ------------------------------------------------------------------
+
+    def step(self) -> list[CompletionDelta]:
+        sched = self.scheduler.schedule()
+        if sched.is_empty:
+            if self.scheduler.has_unfinished:
+                raise RuntimeError("scheduler made no progress with requests pending (pool too small?)")
+            return []
+        ordered = order_for_step(sched.scheduled)
+        tables = [self.kv.block_ids(s.request.request_id) for s in ordered]
+        inputs = prepare_inputs(ordered, tables, self.config.cache.block_size)
+        logits = self.executor.execute(inputs)
+        sampling = [s.request for s in ordered if s.samples]
+        sampled = self.sampler(logits, sampling) if sampling else None
+        self.last_logits = {r.request_id: logits[i] for i, r in enumerate(sampling)}
+        self.scheduler.update_after_step(sched)
+        deltas = []
+        for i, req in enumerate(sampling):
+            deltas.append(self._append(req, sampled.token_ids[i], sampled.logprobs[i]))
+        return deltas
+
+    def _append(self, req: Request, token_id: int, logprobs: dict[int, float] | None) -> CompletionDelta:
+        comp = self._completions[req.request_id]
+        p = req.sampling_params
+        req.append_token(token_id)
+        out = comp.output
+        out.token_ids.append(token_id)
+        if logprobs is not None:
+            out.logprobs.append(logprobs)
+        new_text = comp.detok.append(token_id) if comp.detok else ""
+        out.text += new_text
+        reason = None
+        if not p.ignore_eos and token_id in self.eos_token_ids:
+            reason, out.stop_reason = "stop", token_id
+        elif token_id in p.stop_token_ids:
+            reason, out.stop_reason = "stop", token_id
+        elif comp.stop is not None:
+            cut = comp.stop.check(out.text, len(new_text))
+            if cut is not None:
+                reason = "stop"
+                out.stop_reason = next(s for s in p.stop if out.text.startswith(s, cut))
+                out.text = out.text[:cut]
+        if reason is None and (len(out.token_ids) >= p.max_tokens or req.num_tokens >= self.config.context_len):
+            reason = "length"
+        if reason is not None:
+            out.finish_reason = reason
+            status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
+            self.scheduler.finish_request(req.request_id, status)
+        return CompletionDelta(
+            req.request_id, out.index, [token_id], comp.take_text(reason is not None),
+            [logprobs] if logprobs is not None else None, reason,
+        )
+
+    # -- results -------------------------------------------------------------------
+
+    def take_finished(self, request_id: str, prompt_token_ids: list[int]) -> RequestOutput | None:
+        """The whole result of a request once all its completions finished (and forget it)."""
+        rids = self._groups.get(request_id)
+        if rids is None or any(self._completions[r].output.finish_reason is None for r in rids):
+            return None
+        del self._groups[request_id]
+        comps = [self._completions.pop(r) for r in rids]
+        return RequestOutput(
+            request_id=request_id,
+            prompt_token_ids=prompt_token_ids,
+            outputs=[c.output for c in comps],
+            num_cached_tokens=comps[0].request.num_cached_tokens,
+        )
+
+    def shutdown(self) -> None:
+        self.executor.shutdown()

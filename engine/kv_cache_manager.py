@@ -1,0 +1,139 @@
+"""Per-request block tables on top of the block pool.
+
+The scheduler talks to this object only: how many tokens of a request the prefix
+cache already holds, whether a request can get slots for its next tokens, and
+freeing. Block ids leave through ``block_ids``; ``KVBlock`` objects stay inside.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .block_pool import BlockPool, KVBlock, KVEvent
+from .request import Request
+
+
+@dataclass(frozen=True)
+class KVCacheStats:
+    num_total_blocks: int
+    num_free_blocks: int
+    """Unreferenced blocks, cached ones included (they are evictable)."""
+    num_cached_blocks: int
+
+    @property
+    def usage(self) -> float:
+        return 1.0 - self.num_free_blocks / self.num_total_blocks
+
+
+@dataclass(frozen=True)
+class PrefixHit:
+    """Blocks a new request can reuse; pass it back to ``allocate_slots`` unchanged."""
+
+    blocks: tuple[KVBlock, ...]
+    num_tokens: int
+
+
+NO_HIT = PrefixHit((), 0)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
+        self._blocks: dict[str, list[KVBlock]] = {}
+        self._num_cached: dict[str, int] = {}
+        """How many leading blocks of each request are already registered in the cache."""
+
+    # -- queries -------------------------------------------------------------------
+
+    def stats(self) -> KVCacheStats:
+        return KVCacheStats(self.pool.num_blocks, self.pool.num_free_blocks, self.pool.num_cached_blocks)
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return [b.block_id for b in self._blocks.get(request_id, ())]
+
+    def num_blocks_needed(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def find_prefix(self, request: Request) -> PrefixHit:
+        """Longest cached prefix of the request's tokens, in full blocks.
+
+        At least one token is always left to compute, so the step that finishes the
+        prompt has logits to sample from.
+        """
+        if not self.enable_prefix_caching:
+            return NO_HIT
+        bs = self.block_size
+        max_blocks = (request.num_tokens - 1) // bs
+        hits: list[KVBlock] = []
+        for i, h in enumerate(request.block_hashes[:max_blocks]):
+            block = self.pool.lookup(h, request.token_at(i * bs, (i + 1) * bs))
+            if block is None:
+                break
+            hits.append(block)
+        return PrefixHit(tuple(hits), len(hits) * bs)
+
+    # -- resources -----------------------------------------------------------------
+
+    def allocate_slots(self, request: Request, num_new_tokens: int, hit: PrefixHit = NO_HIT) -> bool:
+        """Make room for ``num_new_tokens`` after the computed ones; False if blocks are short.
+
+        On False nothing changed. ``hit`` is only for a request that holds no blocks yet.
+        """
+        held = self._blocks.get(request.request_id)
+        if hit.blocks and held:
+            raise ValueError(f"request {request.request_id} already holds blocks")
+        num_held = len(held) if held else len(hit.blocks)
+        num_computed = max(request.num_computed_tokens, hit.num_tokens)
+        num_new_blocks = self.num_blocks_needed(num_computed + num_new_tokens) - num_held
+        # Touching a cached block that nobody references takes it off the free list.
+        num_revived = sum(1 for b in hit.blocks if b.ref_count == 0)
+        if num_new_blocks > self.pool.num_free_blocks - num_revived:
+            return False
+        if held is None:
+            held = self._blocks[request.request_id] = []
+            self._num_cached[request.request_id] = len(hit.blocks)
+        if hit.blocks:
+            self.pool.touch(hit.blocks)
+            held.extend(hit.blocks)
+        if num_new_blocks > 0:
+            held.extend(self.pool.allocate(num_new_blocks))
+        return True
+
+    def fork(self, parent: Request, child: Request, num_blocks: int) -> None:
+        """Let ``child`` share the first ``num_blocks`` blocks of ``parent`` (n > 1)."""
+        shared = self._blocks[parent.request_id][:num_blocks]
+        if child.request_id in self._blocks:
+            raise ValueError(f"request {child.request_id} already holds blocks")
+        self.pool.touch(shared)
+        self._blocks[child.request_id] = list(shared)
+        self._num_cached[child.request_id] = min(self._num_cached[parent.request_id], num_blocks)
+
+    def cache_computed_blocks(self, request: Request) -> None:
+        """Register the request's newly completed full blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        blocks = self._blocks.get(request.request_id)
+        if not blocks:
+            return
+        bs = self.block_size
+        start = self._num_cached[request.request_id]
+        end = min(request.num_computed_tokens // bs, len(request.block_hashes))
+        if end <= start:
+            return
+        tokens = [request.token_at(i * bs, (i + 1) * bs) for i in range(start, end)]
+        parent = request.block_hashes[start - 1] if start else None
+        self.pool.cache(blocks[start:end], request.block_hashes[start:end], tokens, parent)
+        self._num_cached[request.request_id] = end
+
+    def free(self, request: Request) -> None:
+        """Release every block of the request (idempotent)."""
+        blocks = self._blocks.pop(request.request_id, None)
+        self._num_cached.pop(request.request_id, None)
+        if blocks:
+            # Last blocks first: they are the least likely to be shared, so evict them first.
+            self.pool.free(reversed(blocks))
+
+    def take_events(self) -> list[KVEvent]:
+        return self.pool.take_events()

@@ -1,0 +1,118 @@
+"""The offline API: ``LLM(model=DIR).generate(prompts, SamplingParams(...))``."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from .config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, parse_dtype
+from .engine import LLMEngine
+from .kv_cache_manager import KVCacheStats
+from .outputs import RequestOutput
+from .sampling_params import SamplingParams
+from .tokenizer import Tokenizer
+
+Prompt = str | Sequence[int]
+
+
+class LLM:
+    """A whole engine in this process (plus TP rank processes when tensor_parallel_size > 1)."""
+
+    def __init__(
+        self,
+        model: str | Path,
+        *,
+        tensor_parallel_size: int = 1,
+        dtype: str | torch.dtype = "float32",
+        device: str = "cpu",
+        block_size: int = 16,
+        num_kv_blocks: int | None = None,
+        kv_cache_memory: int = 512 << 20,
+        enable_prefix_caching: bool = True,
+        max_num_batched_tokens: int = 2048,
+        prefill_chunk_size: int | None = None,
+        max_num_seqs: int = 256,
+        max_model_len: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        config = EngineConfig(
+            model=ModelConfig.from_dir(model),
+            dtype=parse_dtype(dtype),
+            device=device,
+            cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory, enable_prefix_caching),
+            scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, prefill_chunk_size),
+            parallel=ParallelConfig(tensor_parallel_size),
+            seed=seed,
+            max_model_len=max_model_len,
+        )
+        self.tokenizer = Tokenizer.from_dir(model)
+        self.engine = LLMEngine(config, self.tokenizer)
+        self._ids = itertools.count()
+
+    def generate(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
+    ) -> list[RequestOutput]:
+        """Run prompts (strings or token-id lists) to completion; results in prompt order."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
+        if len(params) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
+        added: list[tuple[str, list[int]]] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                rid = str(next(self._ids))
+                added.append((rid, self.engine.add_request(rid, prompt, p)))
+        except Exception:
+            for rid, _ in added:
+                self.engine.abort_request(rid)
+            raise
+        results: dict[str, RequestOutput] = {}
+        pending = dict(added)
+        try:
+            while pending:
+                self.engine.step()
+                for rid in [r for r in pending if r not in results]:
+                    out = self.engine.take_finished(rid, pending[rid])
+                    if out is not None:
+                        results[rid] = out
+                        del pending[rid]
+        except BaseException:
+            for rid in pending:
+                self.engine.abort_request(rid)
+            raise
+        return [results[rid] for rid, _ in added]
+
+    def next_token_logits(self, prompts: Sequence[Prompt]) -> list[torch.Tensor]:
+        """Float32 logits [vocab] for the token after each prompt, through the paged engine path."""
+        one = SamplingParams(temperature=0.0, max_tokens=1)
+        rids = []
+        for prompt in prompts:
+            rid = str(next(self._ids))
+            self.engine.add_request(rid, prompt, one)
+            rids.append(rid)
+        logits: dict[str, torch.Tensor] = {}
+        while self.engine.has_unfinished:
+            self.engine.step()
+            logits.update({k: v.clone() for k, v in self.engine.last_logits.items() if k in rids})
+        for rid in rids:
+            self.engine.take_finished(rid, [])
+        return [logits[r] for r in rids]
+
+    def kv_cache_stats(self) -> KVCacheStats:
+        return self.engine.kv_cache_stats()
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+    def __enter__(self) -> "LLM":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()

@@ -1,0 +1,1 @@
+"""Model definitions, written for one device; TP comes from the layers' sharding."""

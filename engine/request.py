@@ -1,0 +1,93 @@
+"""The state of one request inside the engine (one completion; n > 1 makes siblings)."""
+
+from __future__ import annotations
+
+import enum
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .hashing import ROOT_HASH, hash_block
+from .sampling_params import SamplingParams
+
+
+class RequestStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    PREEMPTED = "preempted"
+    FINISHED_STOPPED = "stop"
+    FINISHED_LENGTH = "length"
+    FINISHED_ABORTED = "abort"
+
+    @property
+    def is_finished(self) -> bool:
+        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    block_size: int
+    arrival_time: float = field(default_factory=time.monotonic)
+    output_token_ids: list[int] = field(default_factory=list)
+    status: RequestStatus = RequestStatus.WAITING
+    num_computed_tokens: int = 0
+    """Tokens whose KV is in this request's blocks."""
+    num_cached_tokens: int = 0
+    """Prompt tokens served by the prefix cache at (latest) admission."""
+    num_preemptions: int = 0
+    generator: torch.Generator | None = None
+    """Per-request RNG when the request has a seed."""
+    logprobs: list[dict[int, float]] = field(default_factory=list)
+    siblings: list["Request"] = field(default_factory=list)
+    """For n > 1: the other completions, forked from this one once its prompt is computed."""
+    block_hashes: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        salt = self.sampling_params.cache_salt
+        self._extra_keys = salt.encode() if salt else b""
+        if self.sampling_params.seed is not None:
+            self.generator = torch.Generator().manual_seed(self.sampling_params.seed)
+        self.update_block_hashes()
+
+    @property
+    def all_token_ids(self) -> list[int]:
+        return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def is_prefilling(self) -> bool:
+        """Still computing tokens it did not sample itself (prompt, or recompute after preemption)."""
+        return self.num_tokens - self.num_computed_tokens > 1
+
+    def token_at(self, start: int, end: int) -> list[int]:
+        p = len(self.prompt_token_ids)
+        if end <= p:
+            return self.prompt_token_ids[start:end]
+        if start >= p:
+            return self.output_token_ids[start - p : end - p]
+        return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
+
+    def append_token(self, token_id: int) -> None:
+        self.output_token_ids.append(token_id)
+        if self.num_tokens % self.block_size == 0:
+            self.update_block_hashes()
+
+    def update_block_hashes(self) -> None:
+        """Extend ``block_hashes`` to cover every full block of the token sequence."""
+        bs = self.block_size
+        n_full = self.num_tokens // bs
+        parent = self.block_hashes[-1] if self.block_hashes else ROOT_HASH
+        for i in range(len(self.block_hashes), n_full):
+            parent = hash_block(parent, self.token_at(i * bs, (i + 1) * bs), self._extra_keys)
+            self.block_hashes.append(parent)

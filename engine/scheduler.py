@@ -1,0 +1,203 @@
+"""Continuous batching: which requests compute how many tokens this step.
+
+One step mixes decodes (one token each) and prefill chunks under a token budget.
+Running requests go first, in admission order; when one cannot get a block, the
+most recently admitted running request is preempted: its blocks are freed and it
+goes back to the head of the waiting queue, to be recomputed later (its full
+blocks usually survive in the prefix cache, so recompute is often cheap). Waiting
+requests are admitted only when no preemption happened this step and their
+blocks fit.
+
+Lifecycle: add_request -> WAITING -> (schedule) RUNNING -> [PREEMPTED -> RUNNING]*
+-> finish_request / abort_request -> FINISHED_*, blocks freed.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from .config import SchedulerConfig
+from .kv_cache_manager import KVCacheManager
+from .request import Request, RequestStatus
+
+
+@dataclass(frozen=True)
+class ScheduledRequest:
+    request: Request
+    num_new_tokens: int
+    """Tokens computed this step, starting at ``request.num_computed_tokens``."""
+
+    @property
+    def samples(self) -> bool:
+        """This step completes the request's known tokens, so it yields logits to sample."""
+        return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
+
+
+@dataclass
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest] = field(default_factory=list)
+    preempted_ids: list[str] = field(default_factory=list)
+
+    @property
+    def num_batched_tokens(self) -> int:
+        return sum(s.num_new_tokens for s in self.scheduled)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._forks_pending: dict[str, list[Request]] = {}
+        """Siblings (n > 1) waiting for their parent's prompt, keyed by the parent's id."""
+
+    # -- intake --------------------------------------------------------------------
+
+    def add_request(self, request: Request, siblings: list[Request] = ()) -> None:
+        """Queue a request; ``siblings`` fork from it once its prompt is computed."""
+        for r in (request, *siblings):
+            if r.request_id in self.requests:
+                raise ValueError(f"duplicate request_id {r.request_id!r}")
+        self.requests[request.request_id] = request
+        self.waiting.append(request)
+        if siblings:
+            self._forks_pending[request.request_id] = list(siblings)
+            for s in siblings:
+                self.requests[s.request_id] = s
+
+    @property
+    def has_unfinished(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting) + sum(len(v) for v in self._forks_pending.values())
+
+    # -- one step ------------------------------------------------------------------
+
+    def schedule(self) -> SchedulerOutput:
+        out = SchedulerOutput()
+        budget = self.config.max_num_batched_tokens
+        chunk = self.config.chunk_size
+        scheduled_ids: set[str] = set()
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            req = self.running[i]
+            num_new = min(req.num_tokens - req.num_computed_tokens, chunk, budget)
+            while not self.kv.allocate_slots(req, num_new):
+                victim = self.running[-1]
+                self._preempt(victim)
+                out.preempted_ids.append(victim.request_id)
+                if victim is req:
+                    break
+            else:
+                out.scheduled.append(ScheduledRequest(req, num_new))
+                scheduled_ids.add(req.request_id)
+                budget -= num_new
+                i += 1
+                continue
+            break  # the request preempted itself: nothing after it can run either
+
+        if not out.preempted_ids:
+            self._admit_waiting(out, budget, chunk)
+        return out
+
+    def _admit_waiting(self, out: SchedulerOutput, budget: int, chunk: int) -> None:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            req = self.waiting[0]
+            holds_blocks = bool(self.kv.block_ids(req.request_id))
+            hit = self.kv.find_prefix(req) if not holds_blocks else None
+            num_computed = req.num_computed_tokens if holds_blocks else hit.num_tokens
+            num_new = min(req.num_tokens - num_computed, chunk, budget)
+            ok = self.kv.allocate_slots(req, num_new) if holds_blocks else self.kv.allocate_slots(req, num_new, hit)
+            if not ok:
+                if self._release_waiting_blocks(keep=req):
+                    continue
+                break
+            self.waiting.popleft()
+            if not holds_blocks:
+                req.num_computed_tokens = num_computed
+                if req.num_preemptions == 0:
+                    req.num_cached_tokens = num_computed
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
+            out.scheduled.append(ScheduledRequest(req, num_new))
+            budget -= num_new
+
+    def _release_waiting_blocks(self, keep: Request) -> bool:
+        """Free the blocks that forked siblings hold while they wait (last first).
+
+        Without this, siblings parked on shared blocks could starve the request at
+        the head of the queue forever. They recompute (or re-hit the cache) later.
+        """
+        for req in reversed(self.waiting):
+            if (req is not keep or not self.running) and self.kv.block_ids(req.request_id):
+                self.kv.free(req)
+                req.num_computed_tokens = 0
+                return True
+        return False
+
+    def _preempt(self, req: Request) -> None:
+        self.running.remove(req)
+        self.kv.free(req)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        self.waiting.appendleft(req)
+
+    # -- after the model ran -------------------------------------------------------
+
+    def update_after_step(self, out: SchedulerOutput) -> None:
+        """Advance computed-token counts and fork siblings whose parent's prompt is done.
+
+        Sampled tokens are appended by the engine (``Request.append_token``) before
+        it decides whether a request finished.
+        """
+        for s in out.scheduled:
+            req = s.request
+            req.num_computed_tokens += s.num_new_tokens
+            self.kv.cache_computed_blocks(req)
+            if req.request_id in self._forks_pending and req.num_computed_tokens >= req.num_prompt_tokens:
+                self._fork_siblings(req)
+
+    def _fork_siblings(self, parent: Request) -> None:
+        """Siblings share the parent's full prompt blocks and compute only the tail.
+
+        At least one prompt token is left to each sibling so it samples its own
+        first token (with its own seed).
+        """
+        bs = self.kv.block_size
+        num_shared = (parent.num_prompt_tokens - 1) // bs
+        for child in self._forks_pending.pop(parent.request_id):
+            self.kv.fork(parent, child, num_shared)
+            child.num_computed_tokens = num_shared * bs
+            child.num_cached_tokens = parent.num_cached_tokens
+            self.waiting.append(child)
+
+    def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
+        """End a request (finished or aborted) at any point; frees all its blocks."""
+        req = self.requests.pop(request_id, None)
+        if req is None:
+            return None
+        req.status = status
+        if req in self.running:
+            self.running.remove(req)
+        else:
+            try:
+                self.waiting.remove(req)
+            except ValueError:
+                pass
+        self.kv.free(req)
+        # Siblings still waiting for this request's prompt cannot start without it.
+        for child in self._forks_pending.pop(request_id, ()):
+            self.requests.pop(child.request_id, None)
+            child.status = RequestStatus.FINISHED_ABORTED
+        return req

@@ -1,0 +1,1 @@
+"""pdserve.kvtransfer: moving KV blocks between workers (not yet built)."""

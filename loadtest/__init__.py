@@ -1,0 +1,1 @@
+"""pdserve.loadtest: load generation against OpenAI-compatible endpoints (not yet built)."""

@@ -1,0 +1,1 @@
+"""pdserve.proto: protobuf schemas and gRPC stubs (not yet built)."""
