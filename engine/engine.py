@@ -34,12 +34,12 @@ class _Completion:
         self.num_emitted_chars = 0
 
     def take_text(self, finished: bool) -> str:
-        """Text not yet streamed. While running, the last (longest stop - 1) chars are held
-        back: they may turn out to be the start of a stop string, which is never sent."""
+        """Text not yet streamed. While running, a tail that could be the start of a stop
+        string is held back, so a stop string is never sent and then retracted."""
         text = self.output.text
         end = len(text)
         if not finished and self.stop is not None:
-            end = max(self.num_emitted_chars, end - (self.stop.max_len - 1))
+            end = max(self.num_emitted_chars, end - self.stop.partial_match_len(text))
         delta = text[self.num_emitted_chars : end]
         self.num_emitted_chars = end
         return delta
@@ -160,20 +160,20 @@ class LLMEngine:
         if logprobs is not None:
             out.logprobs.append(logprobs)
         new_text = comp.detok.append(token_id) if comp.detok else ""
-        out.text += new_text
         reason = None
-        if not p.ignore_eos and token_id in self.eos_token_ids:
+        if (not p.ignore_eos and token_id in self.eos_token_ids) or token_id in p.stop_token_ids:
             reason, out.stop_reason = "stop", token_id
-        elif token_id in p.stop_token_ids:
-            reason, out.stop_reason = "stop", token_id
-        elif comp.stop is not None:
+        elif len(out.token_ids) >= p.max_tokens or req.num_tokens >= self.config.context_len:
+            reason = "length"
+        if reason is not None and comp.detok is not None:
+            new_text += comp.detok.flush()  # a held-back split character is final now
+        out.text += new_text
+        if comp.stop is not None and new_text:
             cut = comp.stop.check(out.text, len(new_text))
             if cut is not None:
                 reason = "stop"
                 out.stop_reason = next(s for s in p.stop if out.text.startswith(s, cut))
                 out.text = out.text[:cut]
-        if reason is None and (len(out.token_ids) >= p.max_tokens or req.num_tokens >= self.config.context_len):
-            reason = "length"
         if reason is not None:
             out.finish_reason = reason
             status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH

@@ -194,7 +194,9 @@ class Scheduler:
             try:
                 self.waiting.remove(req)
             except ValueError:
-                pass
+                # A sibling still waiting for its parent's prompt: it must not be forked later.
+                for pending in self._forks_pending.values():
+                    pending[:] = [c for c in pending if c is not req]
         self.kv.free(req)
         # Siblings still waiting for this request's prompt cannot start without it.
         for child in self._forks_pending.pop(request_id, ()):

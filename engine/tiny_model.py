@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 
 import torch
@@ -51,6 +52,15 @@ MODEL_CONFIG: dict[str, int | float] = {
     "rms_norm_eps": 1e-5,
     "rope_theta": 10000.0,
 }
+
+_FILE_NAMES = (
+    "config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "generation_config.json",
+)
 
 LINEAR_STD = 0.02
 EMBEDDING_STD = 0.05
@@ -115,28 +125,35 @@ def build_corpus() -> list[str]:
     Modules that fail to import are skipped.
     """
     docs: list[str] = []
-    for module_name in CORPUS_MODULES:
-        try:
-            module = importlib.import_module(module_name)
-        except ImportError:
-            continue
-        _append_doc(docs, module)
-        for attr in sorted(vars(module)):
-            if attr.startswith("_"):
-                continue
-            obj = vars(module)[attr]
-            if not (inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj)):
-                continue
-            if getattr(obj, "__module__", None) != module.__name__:
-                continue
-            _append_doc(docs, obj)
-            if inspect.isclass(obj):
-                for method_name in sorted(vars(obj)):
-                    method = vars(obj)[method_name]
-                    if not method_name.startswith("_") and inspect.isfunction(method):
-                        _append_doc(docs, method)
+    with warnings.catch_warnings():
+        # e.g. typing.io / typing.re warn when their __doc__ is read.
+        warnings.simplefilter("ignore")
+        for module_name in CORPUS_MODULES:
+            _module_docs(docs, module_name)
     docs.extend(_EXTRA_CORPUS)
     return docs
+
+
+def _module_docs(docs: list[str], module_name: str) -> None:
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError:
+        return
+    _append_doc(docs, module)
+    for attr in sorted(vars(module)):
+        if attr.startswith("_"):
+            continue
+        obj = vars(module)[attr]
+        if not (inspect.isclass(obj) or inspect.isfunction(obj) or inspect.isbuiltin(obj)):
+            continue
+        if getattr(obj, "__module__", None) != module.__name__:
+            continue
+        _append_doc(docs, obj)
+        if inspect.isclass(obj):
+            for method_name in sorted(vars(obj)):
+                method = vars(obj)[method_name]
+                if not method_name.startswith("_") and inspect.isfunction(method):
+                    _append_doc(docs, method)
 
 
 def _append_doc(docs: list[str], obj: object) -> None:
@@ -284,6 +301,8 @@ def make_tiny_model(out_dir: str | Path, *, seed: int = 0) -> Path:
         out / "generation_config.json",
         {"bos_token_id": bos_id, "eos_token_id": [eos_id, eot_id], "do_sample": False},
     )
+    for name in _FILE_NAMES:
+        os.chmod(out / name, 0o644)  # safetensors writes 0600
     return out
 
 
@@ -302,6 +321,7 @@ def ensure_tiny_model(path: str | Path, *, seed: int = 0) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         make_tiny_model(tmp, seed=seed)
+        os.chmod(tmp, 0o755)  # mkdtemp creates it 0700
         try:
             os.replace(tmp, target)  # succeeds if target is absent or an empty dir
         except OSError:

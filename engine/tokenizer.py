@@ -119,7 +119,8 @@ def _validate_messages(messages: Any) -> list[dict[str, Any]]:
         for key in ("role", "content"):
             if not isinstance(message.get(key), str):
                 raise ValueError(f"messages[{i}][{key!r}] must be a str, got {message.get(key)!r}")
-        out.append(dict(message))
+        # Like HF: optional keys set to None (e.g. tool_calls=None) count as absent.
+        out.append({k: v for k, v in message.items() if v is not None})
     return out
 
 
