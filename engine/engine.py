@@ -78,21 +78,24 @@ class LLMEngine:
 
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
         """Validate and queue a request; returns its prompt token ids. Raises ValueError on bad input."""
-        if request_id in self._groups:
-            raise ValueError(f"duplicate request_id {request_id!r}")
+        rids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
+        # Completion ids must not collide either (e.g. "x#0" next to an n > 1 request "x").
+        taken = next((r for r in (request_id, *rids) if r in self._groups or r in self._completions), None)
+        if taken is not None:
+            raise ValueError(f"duplicate request_id {taken!r}")
         prompt_ids = self.tokenize(prompt)
         self._validate(prompt_ids, params)
         bs = self.config.cache.block_size
         reqs = []
-        for i in range(params.n):
-            rid = request_id if params.n == 1 else f"{request_id}#{i}"
+        for i, rid in enumerate(rids):
             req = Request(rid, list(prompt_ids), params, bs)
             if i and params.seed is not None:
                 req.generator.manual_seed(params.seed + i * 1_000_003)
             reqs.append(req)
-            self._completions[rid] = _Completion(req, i, self.tokenizer)
-        self._groups[request_id] = [r.request_id for r in reqs]
         self.scheduler.add_request(reqs[0], reqs[1:])
+        for i, req in enumerate(reqs):
+            self._completions[req.request_id] = _Completion(req, i, self.tokenizer)
+        self._groups[request_id] = rids
         return prompt_ids
 
     def _validate(self, prompt_ids: list[int], p: SamplingParams) -> None:

@@ -60,7 +60,7 @@ class LLM:
         """Run prompts (strings or token-id lists) to completion; results in prompt order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
-        params = sampling_params or SamplingParams()
+        params = SamplingParams() if sampling_params is None else sampling_params
         params = [params] * len(prompts) if isinstance(params, SamplingParams) else list(params)
         if len(params) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(params)} sampling params")
@@ -93,14 +93,19 @@ class LLM:
         """Float32 logits [vocab] for the token after each prompt, through the paged engine path."""
         one = SamplingParams(temperature=0.0, max_tokens=1)
         rids = []
-        for prompt in prompts:
-            rid = str(next(self._ids))
-            self.engine.add_request(rid, prompt, one)
-            rids.append(rid)
         logits: dict[str, torch.Tensor] = {}
-        while self.engine.has_unfinished:
-            self.engine.step()
-            logits.update({k: v.clone() for k, v in self.engine.last_logits.items() if k in rids})
+        try:
+            for prompt in prompts:
+                rid = str(next(self._ids))
+                self.engine.add_request(rid, prompt, one)
+                rids.append(rid)
+            while self.engine.has_unfinished:
+                self.engine.step()
+                logits.update({k: v.clone() for k, v in self.engine.last_logits.items() if k in rids})
+        except BaseException:
+            for rid in rids:  # a bad prompt (or an interrupt) must not leave the others queued
+                self.engine.abort_request(rid)
+            raise
         for rid in rids:
             self.engine.take_finished(rid, [])
         return [logits[r] for r in rids]

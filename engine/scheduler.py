@@ -93,6 +93,9 @@ class Scheduler:
             req = self.running[i]
             num_new = min(req.num_tokens - req.num_computed_tokens, chunk, budget)
             while not self.kv.allocate_slots(req, num_new):
+                # Blocks parked by waiting forked siblings go before any running request.
+                if self._release_waiting_blocks(keep=None):
+                    continue
                 victim = self.running[-1]
                 self._preempt(victim)
                 out.preempted_ids.append(victim.request_id)
@@ -132,7 +135,7 @@ class Scheduler:
             out.scheduled.append(ScheduledRequest(req, num_new))
             budget -= num_new
 
-    def _release_waiting_blocks(self, keep: Request) -> bool:
+    def _release_waiting_blocks(self, keep: Request | None) -> bool:
         """Free the blocks that forked siblings hold while they wait (last first).
 
         Without this, siblings parked on shared blocks could starve the request at

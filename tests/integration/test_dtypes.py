@@ -1,21 +1,28 @@
 """Half-precision engines against the float32 HF reference, and the
 unsupported-architecture error.
 
-Tolerances (measured on these checkpoints: HF itself run in bf16 / fp16 vs HF
-float32, standard prompts, logits of magnitude <= ~5, std ~1.1):
+Tolerances.  Measured on these checkpoints (standard prompts; float32 logits of
+magnitude <= ~5, std ~1.1), HF itself run in half precision deviates from HF
+float32 by:
 
-  HF bf16: max |dlogit| ~0.11, relative L2 error ~2.7 %
-  HF fp16: max |dlogit| ~0.017, relative L2 error ~0.4 %
+  HF bf16: max |dlogit| ~0.10-0.11, relative L2 error ~2.4-2.7 %
+  HF fp16: max |dlogit| ~0.013-0.017, relative L2 error ~0.3-0.4 %
 
 bf16 keeps 8 significant bits (unit round-off 2^-9 ~ 2e-3), fp16 11 bits
 (2^-12 ~ 2.4e-4); rounding every weight and activation to that and compounding
-it over 3 layers, RMSNorms and a 128-wide dot product per output lands at the
-figures above.  The engine may round at different points than HF (fused
-projections, its own attention kernel, fp32 accumulation or not), so the
-bounds are ~2.5x HF's own deviation: bf16 max-abs 0.3 / rel-L2 0.07, fp16
-max-abs 0.05 / rel-L2 0.012.  Bugs of the kind these tests are for (wrong
-dtype cast of rotary tables, overflow, norms computed in half precision
-without fp32 upcast gone wrong, a weight left unconverted) give O(1) errors.
+it over 3 layers, RMSNorms and 128/256-wide dot products gives the figures
+above.  Two checks:
+
+1. Relative to HF: the engine's worst deviation from float32 (max-abs and
+   relative L2, over the batch) must be at most 1.5x HF's own deviation in the
+   same dtype.  The engine may round at other points than HF (fused
+   projections, its own attention), hence the 50 % slack; a precision bug
+   such as a RoPE table built in half precision roughly doubles the error and
+   is caught (checked by mutation).
+2. Absolute backstop per prompt with torch.testing.assert_close: bf16
+   atol 0.3, fp16 atol 0.05 (~3x HF's own max error) -- gross errors (an
+   unconverted weight, overflow, a wrong cast) give O(1) differences.
+
 Exact bugs in the math are the float32 suite's job.
 """
 
@@ -33,11 +40,10 @@ from pdserve.engine import LLM, SamplingParams
 pytestmark = pytest.mark.integration
 
 MAX_TOKENS = 16
-TOLERANCES = {
-    # dtype: (max abs logit error, relative L2 error of the logit vector)
-    "bfloat16": (0.3, 0.07),
-    "float16": (0.05, 0.012),
-}
+# dtype: absolute per-logit backstop (see module docstring)
+ABS_BACKSTOP = {"bfloat16": 0.3, "float16": 0.05}
+TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+HF_RELATIVE_SLACK = 1.5
 ARCHS = ("llama", "qwen2", "qwen3")
 
 
@@ -46,15 +52,21 @@ def _engine(model_dir, dtype: str) -> LLM:
                enable_prefix_caching=True, max_num_batched_tokens=2048, max_num_seqs=256, seed=0)
 
 
-@pytest.mark.parametrize("dtype", sorted(TOLERANCES))
+@pytest.mark.parametrize("dtype", sorted(ABS_BACKSTOP))
 @pytest.mark.parametrize("arch", ARCHS)
 def test_half_precision_close_to_fp32_hf(arch, dtype, hf_model_dir):
     model_dir = hf_model_dir(arch)
     V = H.read_config(model_dir)["vocab_size"]
     prompts = H.standard_prompts(V)
-    max_abs, max_rel = TOLERANCES[dtype]
+    max_abs = ABS_BACKSTOP[dtype]
     label = f"{arch}:{dtype}"
     ref_logits = H.hf_next_token_logits(model_dir, prompts)  # float32
+    hf_half = H.hf_next_token_logits(model_dir, prompts, dtype=TORCH_DTYPES[dtype])
+
+    def worst(rows):
+        abs_err = max(float((a.float().cpu() - b).abs().max()) for a, b in zip(rows, ref_logits))
+        rel_err = max(float((a.float().cpu() - b).norm() / b.norm()) for a, b in zip(rows, ref_logits))
+        return abs_err, rel_err
 
     with _engine(model_dir, dtype) as llm:
         ours = llm.next_token_logits(prompts)
@@ -67,8 +79,11 @@ def test_half_precision_close_to_fp32_hf(arch, dtype, hf_model_dir):
                 a, b, rtol=0, atol=max_abs,
                 msg=lambda m, i=i: f"[{label}] next-token logits of prompt #{i} (len {len(prompts[i])}):\n{m}",
             )
-            rel = float((a - b).norm() / b.norm())
-            assert rel <= max_rel, f"[{label}] prompt #{i}: relative L2 logit error {rel:.4f} > {max_rel}"
+        (our_abs, our_rel), (hf_abs, hf_rel) = worst(ours), worst(hf_half)
+        assert our_abs <= HF_RELATIVE_SLACK * hf_abs and our_rel <= HF_RELATIVE_SLACK * hf_rel, (
+            f"[{label}] engine deviates from float32 HF by max-abs {our_abs:.4f} / rel-L2 {our_rel:.4f}; "
+            f"HF in {dtype} deviates by {hf_abs:.4f} / {hf_rel:.4f} (allowed: {HF_RELATIVE_SLACK}x)"
+        )
 
         outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True))
         s = llm.kv_cache_stats()

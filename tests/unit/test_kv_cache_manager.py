@@ -56,7 +56,7 @@ def test_find_prefix_leaves_at_least_one_token_to_compute():
     b = _req("b", range(12))
     hit = kv.find_prefix(b)
     assert hit.num_tokens == 8 and len(hit.blocks) == 2
-    assert [blk.block_id for blk in hit.blocks] == kv_block_ids_of_prefix(kv, b, 2)
+    assert [blk.block_id for blk in hit.blocks] == _prefix_block_ids(kv, b, 2)
 
     # One more token: all three full blocks can be used.
     c = _req("c", range(13))
@@ -69,7 +69,7 @@ def test_find_prefix_leaves_at_least_one_token_to_compute():
     assert _all_free(kv)
 
 
-def kv_block_ids_of_prefix(kv: KVCacheManager, req: Request, n: int) -> list[int]:
+def _prefix_block_ids(kv: KVCacheManager, req: Request, n: int) -> list[int]:
     return [kv.pool.lookup(h, req.token_at(i * BS, (i + 1) * BS)).block_id for i, h in enumerate(req.block_hashes[:n])]
 
 
