@@ -90,6 +90,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"pdserve: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # unwritable/missing paths: a message, not a traceback
+        print(f"pdserve: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

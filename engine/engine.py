@@ -7,6 +7,7 @@ completions named ``{request_id}#{index}`` that share the prompt's KV blocks.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Sequence
 
 from .config import EngineConfig
@@ -74,7 +75,10 @@ class LLMEngine:
             if self.tokenizer is None:
                 raise ValueError("this model directory has no tokenizer; pass prompts as token ids")
             return self.tokenizer.encode(prompt)
-        return list(prompt)
+        try:
+            return [operator.index(t) for t in prompt]  # ints, numpy ints; not floats or strings
+        except TypeError:
+            raise ValueError(f"prompt must be a string or a sequence of integer token ids, got {prompt!r:.100}") from None
 
     def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
         """Validate and queue a request; returns its prompt token ids. Raises ValueError on bad input."""

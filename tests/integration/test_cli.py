@@ -93,6 +93,20 @@ def test_generate_missing_model_dir_fails_cleanly(tmp_path, cli_home):
     assert "pdserve: error:" in res.stderr and str(missing) in res.stderr
 
 
+def test_filesystem_errors_fail_cleanly(tmp_path):
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not a directory")
+    res = run_cli("make-tiny-model", str(a_file), home=tmp_path)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr
+    assert "pdserve: error:" in res.stderr and str(a_file) in res.stderr
+    # PDSERVE_HOME that is a file: the default model cannot be written there.
+    res = run_cli("generate", "--prompt", "hi", "--max-tokens", "2", home=a_file)
+    assert res.returncode != 0
+    assert "Traceback" not in res.stderr and "pdserve: error:" in res.stderr
+    assert a_file.read_text() == "not a directory"
+
+
 def test_argparse_errors(cli_home):
     res = run_cli("generate", "--max-tokens", "many", home=cli_home)
     assert res.returncode == 2

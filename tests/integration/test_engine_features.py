@@ -22,6 +22,7 @@ BLOCK_SIZE = 16
 MAX_MODEL_LEN = 512
 PROMPT = "Hello, my name is"
 OTHER_PROMPTS = ["The capital of France is", "def foo(x):", "In the beginning"]
+CODE_PROMPT = OTHER_PROMPTS[1]  # its greedy output changes token after a few steps
 GREEDY = SamplingParams(temperature=0.0, max_tokens=8)
 # A prompt long enough to span several KV blocks (and several 16-token prefill chunks).
 LONG_TEXT = (
@@ -133,10 +134,11 @@ def test_stop_strings(llm):
 
 
 def test_stop_token_ids(llm):
-    base = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=12))[0]
+    base = llm.generate(CODE_PROMPT, SamplingParams(temperature=0.0, max_tokens=12))[0]
     k = _first_new_token(base.token_ids, 3)
+    assert k >= 3
     tok = base.token_ids[k]
-    out = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[tok]))[0]
+    out = llm.generate(CODE_PROMPT, SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[tok]))[0]
     assert out.finish_reason == "stop"
     assert out.outputs[0].stop_reason == tok
     assert out.token_ids == base.token_ids[: k + 1]
@@ -147,22 +149,23 @@ def test_stop_token_ids(llm):
 def test_eos_respected_unless_ignore_eos(llm):
     eng = llm.engine
     assert {8188, 8191} <= set(eng.eos_token_ids)
-    base = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=12))[0]
+    base = llm.generate(CODE_PROMPT, SamplingParams(temperature=0.0, max_tokens=12))[0]
     # The random model never emits its real EOS; declare one of its greedy tokens EOS.
     k = _first_new_token(base.token_ids, 2)
+    assert k >= 2
     tok = base.token_ids[k]
     saved = eng.eos_token_ids
     eng.eos_token_ids = frozenset(saved | {tok})
     try:
-        out = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=12))[0]
+        out = llm.generate(CODE_PROMPT, SamplingParams(temperature=0.0, max_tokens=12))[0]
         assert out.finish_reason == "stop" and out.outputs[0].stop_reason == tok
         assert out.token_ids == base.token_ids[: k + 1]
-        ignored = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
+        ignored = llm.generate(CODE_PROMPT, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
         assert ignored.finish_reason == "length"
         assert ignored.token_ids == base.token_ids
         # ignore_eos does not disable explicit stop_token_ids.
         both = llm.generate(
-            PROMPT, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop_token_ids=[tok])
+            CODE_PROMPT, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop_token_ids=[tok])
         )[0]
         assert both.finish_reason == "stop" and both.token_ids == base.token_ids[: k + 1]
     finally:
@@ -378,6 +381,39 @@ def test_invalid_prompt_in_batch_queues_nothing(llm):
     assert_all_free(llm)
 
 
+def test_request_id_collisions_and_api_misuse(llm):
+    eng = llm.engine
+    short = SamplingParams(temperature=0.0, max_tokens=2)
+    ids = eng.add_request("dup", PROMPT, SamplingParams(n=2, temperature=0.0, max_tokens=2))
+    # Neither the group id nor a completion id ("dup#0") may be reused while it is live.
+    for rid in ("dup", "dup#0", "dup#1"):
+        with pytest.raises(ValueError, match="duplicate request_id"):
+            eng.add_request(rid, OTHER_PROMPTS[0], short)
+    eng.add_request("solo#1", OTHER_PROMPTS[0], short)
+    with pytest.raises(ValueError, match="duplicate request_id"):
+        eng.add_request("solo", OTHER_PROMPTS[0], SamplingParams(n=2, max_tokens=2))
+    while eng.has_unfinished:
+        eng.step()
+    assert eng.take_finished("dup#0", []) is None
+    dup = eng.take_finished("dup", ids)
+    solo = eng.take_finished("solo#1", [])
+    ref_dup, ref_solo = llm.generate([PROMPT, OTHER_PROMPTS[0]], short)
+    assert [c.token_ids for c in dup.outputs] == [ref_dup.token_ids] * 2
+    assert [c.text for c in dup.outputs] == [ref_dup.text] * 2
+    assert solo.token_ids == ref_solo.token_ids and solo.text == ref_solo.text
+    assert_all_free(llm)
+
+    # Sampling params list shorter than the prompts (even empty) is an error, not a default.
+    with pytest.raises(ValueError, match="2 prompts but 0 sampling params"):
+        llm.generate([PROMPT, PROMPT], [])
+    # next_token_logits with one bad prompt leaves nothing queued.
+    with pytest.raises(ValueError, match=str(eng.config.model.vocab_size)):
+        llm.next_token_logits([PROMPT, [eng.config.model.vocab_size]])
+    assert_all_free(llm)
+    assert len(llm.next_token_logits([PROMPT])) == 1
+    assert_all_free(llm)
+
+
 # -- abort -------------------------------------------------------------------------------
 
 
@@ -442,8 +478,11 @@ def test_abort_in_every_phase(tiny_model_dir, llm):
 def test_preemption_with_sampling_matches_roomy_pool(tiny_model_dir):
     prompts = [PROMPT, *OTHER_PROMPTS]
     params = [
-        SamplingParams(temperature=0.8, seed=100 + i, max_tokens=24) for i in range(3)
-    ] + [SamplingParams(temperature=0.0, max_tokens=24)]
+        SamplingParams(n=2, temperature=0.8, seed=100, max_tokens=24),
+        SamplingParams(temperature=0.8, seed=101, max_tokens=24),
+        SamplingParams(temperature=1.0, top_k=50, seed=102, max_tokens=24),
+        SamplingParams(temperature=0.0, max_tokens=24),
+    ]
 
     with _make_llm(tiny_model_dir, num_kv_blocks=64) as roomy:
         expected = roomy.generate(prompts, params)
@@ -463,9 +502,12 @@ def test_preemption_with_sampling_matches_roomy_pool(tiny_model_dir):
         assert preempted, "the tight pool should have forced preemption"
         assert len(got) == len(expected)
         for g, e in zip(got, expected):
-            assert g.finish_reason == "length" and len(g.token_ids) == 24
-            assert g.token_ids == e.token_ids
-            assert g.text == e.text
+            assert len(g.outputs) == len(e.outputs)
+            for gc, ec in zip(g.outputs, e.outputs):
+                assert gc.finish_reason == "length" and len(gc.token_ids) == 24
+                assert gc.token_ids == ec.token_ids
+                assert gc.text == ec.text
+        assert len({tuple(c.token_ids) for c in got[0].outputs}) == 2
         assert_all_free(tight)
 
 
