@@ -57,16 +57,22 @@ class ColumnParallelLinear(nn.Module):
     def __init__(self, in_features: int, out_sizes: list[int], tp: TPGroup, bias: bool = False) -> None:
         super().__init__()
         self.tp = tp
-        self.local_sizes = [tp.shard(n)[1] for n in out_sizes]
+        self.local_sizes = self._local_sizes(out_sizes)
         self.offsets = [sum(self.local_sizes[:i]) for i in range(len(out_sizes))]
         total = sum(self.local_sizes)
         self.weight = _param(total, in_features, loader=self._load)
         self.bias = _param(total, loader=self._load) if bias else None
 
+    def _local_sizes(self, out_sizes: list[int]) -> list[int]:
+        return [self.tp.shard(n)[1] for n in out_sizes]
+
+    def _shard_start(self, index: int) -> int:
+        """First row of sub-matrix ``index`` (in the full checkpoint tensor) that this rank holds."""
+        return self.tp.rank * self.local_sizes[index]
+
     def _load(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: int = 0) -> None:
         n = self.local_sizes[shard_id]
-        part = loaded.narrow(0, self.tp.rank * n, n)
-        param.data.narrow(0, self.offsets[shard_id], n).copy_(part)
+        param.data.narrow(0, self.offsets[shard_id], n).copy_(loaded.narrow(0, self._shard_start(shard_id), n))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.weight, self.bias)
@@ -77,21 +83,19 @@ class QKVParallelLinear(ColumnParallelLinear):
 
     def __init__(self, hidden: int, head_dim: int, num_heads: int, num_kv_heads: int, tp: TPGroup, bias: bool) -> None:
         self.head_dim = head_dim
-        _, self.num_local_heads = tp.shard(num_heads)
+        self.num_local_heads = tp.shard(num_heads)[1]
         self.kv_start, self.num_local_kv_heads = tp.kv_head_shard(num_kv_heads)
-        nn.Module.__init__(self)
-        self.tp = tp
-        self.local_sizes = [self.num_local_heads * head_dim, self.num_local_kv_heads * head_dim, self.num_local_kv_heads * head_dim]
-        self.offsets = [0, self.local_sizes[0], self.local_sizes[0] + self.local_sizes[1]]
-        total = sum(self.local_sizes)
-        self.weight = _param(total, hidden, loader=self._load)
-        self.bias = _param(total, loader=self._load) if bias else None
+        super().__init__(hidden, [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim], tp, bias)
+
+    def _local_sizes(self, out_sizes: list[int]) -> list[int]:
+        kv = self.num_local_kv_heads * self.head_dim
+        return [self.num_local_heads * self.head_dim, kv, kv]
+
+    def _shard_start(self, index: int) -> int:
+        return super()._shard_start(0) if index == 0 else self.kv_start * self.head_dim
 
     def _load(self, param: torch.Tensor, loaded: torch.Tensor, shard_id: str = "q") -> None:
-        idx = "qkv".index(shard_id)
-        n = self.local_sizes[idx]
-        start = self.tp.rank * n if idx == 0 else self.kv_start * self.head_dim
-        param.data.narrow(0, self.offsets[idx], n).copy_(loaded.narrow(0, start, n))
+        super()._load(param, loaded, "qkv".index(shard_id))
 
 
 class RowParallelLinear(nn.Module):

@@ -29,8 +29,14 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
 
 
 def load_model(cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype, device: str, max_positions: int) -> LlamaForCausalLM:
-    with torch.device(device):
-        model = LlamaForCausalLM(cfg, tp, dtype, max_positions)
+    # Parameters are created in the target dtype (no float32 copy of a large model).
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg, tp, dtype, max_positions)
+    finally:
+        torch.set_default_dtype(previous)
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     for path in checkpoint_files(Path(cfg.model_dir)):
@@ -43,7 +49,7 @@ def load_model(cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype, device: str, m
                 param = params.get(name)
                 if param is None:
                     raise ValueError(f"unexpected tensor {key!r} in {path.name} for {cfg.architecture}")
-                tensor = f.get_tensor(key).to(torch.float32)
+                tensor = f.get_tensor(key)  # copied (and cast) into the parameter by its loader
                 if shard is None:
                     param.weight_loader(param, tensor)
                 else:
@@ -52,4 +58,4 @@ def load_model(cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype, device: str, m
     missing = sorted(set(params) - loaded)
     if missing:
         raise ValueError(f"checkpoint in {cfg.model_dir} lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
-    return model.to(dtype).eval()
+    return model.eval()
