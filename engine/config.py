@@ -104,7 +104,7 @@ class ModelConfig:
             num_heads=num_heads,
             num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
             head_dim=cfg.get("head_dim") or hidden // num_heads,
-            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            max_position_embeddings=_max_positions(cfg),
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=rope[0],
             rope_scaling=rope[1],
@@ -113,6 +113,16 @@ class ModelConfig:
             qk_norm=arch == "Qwen3ForCausalLM",
             eos_token_ids=eos,
         )
+
+
+def _max_positions(cfg: dict) -> int:
+    """Context limit. NOTE: attention here is always full; a model trained with a sliding
+    window (Mistral v0.1) is exact only up to the window, so the context is capped there."""
+    limit = cfg.get("max_position_embeddings", 2048)
+    window = cfg.get("sliding_window")
+    if window and cfg.get("use_sliding_window", True):
+        limit = min(limit, int(window))
+    return limit
 
 
 def _rope_params(cfg: dict) -> tuple[float, RopeScaling | None]:
