@@ -1,1 +1,8 @@
-"""pdserve.proto: protobuf schemas and gRPC stubs (not yet built)."""
+"""pdserve.proto: the wire protocol (protobuf messages and gRPC services).
+
+Generated modules are checked in (`pdserve_pb2`, `pdserve_pb2_grpc`); regenerate with
+``python -m pdserve.proto.generate``. ``PROTOCOL_VERSION`` is checked when a worker
+registers: a mismatch is refused instead of failing per request.
+"""
+
+PROTOCOL_VERSION = 1
