@@ -7,8 +7,11 @@ completions named ``{request_id}#{index}`` that share the prompt's KV blocks.
 
 from __future__ import annotations
 
+import dataclasses
 import operator
 from collections.abc import Sequence
+
+import torch
 
 from .config import EngineConfig
 from .executor import make_executor
@@ -19,7 +22,7 @@ from .parallel import TPGroup
 from .request import Request, RequestStatus
 from .sampler import Sampler
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import RemotePrefill, Scheduler
 from .tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
 
 
@@ -64,6 +67,7 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos)
         self._completions: dict[str, _Completion] = {}
         self._groups: dict[str, list[str]] = {}
+        self._remote_prefills: list[RemotePrefill] = []
         self.last_logits: dict[str, object] = {}
         """Logits rows of the latest step, by request id (for tests and scoring)."""
         self.executor = make_executor(config, num_blocks)
@@ -80,8 +84,14 @@ class LLMEngine:
         except TypeError:
             raise ValueError(f"prompt must be a string or a sequence of integer token ids, got {prompt!r:.100}") from None
 
-    def add_request(self, request_id: str, prompt: str | Sequence[int], params: SamplingParams) -> list[int]:
-        """Validate and queue a request; returns its prompt token ids. Raises ValueError on bad input."""
+    def add_request(
+        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, *, remote_prefill: bool = False
+    ) -> list[int]:
+        """Validate and queue a request; returns its prompt token ids. Raises ValueError on bad input.
+
+        With ``remote_prefill`` the request is admitted with blocks for its whole prompt
+        and waits for a prefill worker to write them (see ``take_remote_prefills``).
+        """
         rids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         # Completion ids must not collide either (e.g. "x#0" next to an n > 1 request "x").
         taken = next((r for r in (request_id, *rids) if r in self._groups or r in self._completions), None)
@@ -96,6 +106,7 @@ class LLMEngine:
             if i and params.seed is not None:
                 req.generator.manual_seed(params.seed + i * 1_000_003)
             reqs.append(req)
+        reqs[0].remote_prefill = remote_prefill  # siblings fork from it once the KV is in
         self.scheduler.add_request(reqs[0], reqs[1:])
         for i, req in enumerate(reqs):
             self._completions[req.request_id] = _Completion(req, i, self.tokenizer)
@@ -124,11 +135,56 @@ class LLMEngine:
         if p.stop and self.tokenizer is None:
             raise ValueError("stop strings need a tokenizer; this model directory has none")
 
-    def abort_request(self, request_id: str) -> None:
-        """Abort a request (all its completions) at any point; its blocks are freed now."""
+    def add_prefill_only(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
+        """Prefill side: compute the prompt, sample its first token with ``params`` (seed
+        included), and hold the blocks after finishing until ``release(request_id)``."""
+        first_only = dataclasses.replace(
+            params, n=1, max_tokens=1, ignore_eos=True, stop=(), stop_token_ids=()
+        )
+        self.add_request(request_id, prompt_token_ids, first_only)
+        self.scheduler.requests[request_id].hold_blocks = True
+
+    def release(self, request_id: str) -> bool:
+        """Free the blocks a prefill-only request held for its transfer (idempotent)."""
+        return self.scheduler.release(request_id)
+
+    def block_ids(self, request_id: str) -> list[int]:
+        return self.kv.block_ids(request_id)
+
+    def take_remote_prefills(self) -> list[RemotePrefill]:
+        """Requests admitted since the last call whose prompt KV a prefill worker must write."""
+        out, self._remote_prefills = self._remote_prefills, []
+        return out
+
+    def complete_remote_prefill(
+        self, request_id: str, first_token_id: int, logprobs: dict[int, float] | None = None
+    ) -> CompletionDelta:
+        """The prefill worker wrote the prompt's KV and sampled ``first_token_id``: decode on."""
+        req = self.scheduler.complete_remote_prefill(request_id)
+        p = req.sampling_params
+        if req.generator is not None and not p.is_greedy:
+            # The prefill worker drew this request's first noise vector; draw it here too so
+            # the seeded stream continues exactly as in a single engine.
+            torch.empty(self.config.model.vocab_size).exponential_(generator=req.generator)
+        return self._append(req, first_token_id, logprobs)
+
+    def abort_request(self, request_id: str, *, error: str | None = None) -> list[CompletionDelta]:
+        """End a request (all its completions) at any point; its blocks are freed now.
+
+        Returns a final delta for each completion that had not finished, with
+        finish_reason "error" when ``error`` is given, else "abort".
+        """
+        self.scheduler.release(request_id)
+        reason = "abort" if error is None else "error"
+        status = RequestStatus.FINISHED_ABORTED if error is None else RequestStatus.FINISHED_ERROR
+        deltas = []
         for rid in self._groups.pop(request_id, ()):
-            self.scheduler.finish_request(rid, RequestStatus.FINISHED_ABORTED)
-            self._completions.pop(rid, None)
+            self.scheduler.finish_request(rid, status)
+            comp = self._completions.pop(rid, None)
+            if comp is not None and comp.output.finish_reason is None:
+                comp.output.finish_reason = reason
+                deltas.append(CompletionDelta(rid, comp.output.index, [], "", None, reason, error))
+        return deltas
 
     @property
     def has_unfinished(self) -> bool:
@@ -141,8 +197,9 @@ class LLMEngine:
 
     def step(self) -> list[CompletionDelta]:
         sched = self.scheduler.schedule()
+        self._remote_prefills.extend(sched.remote_prefills)
         if sched.is_empty:
-            if self.scheduler.has_unfinished:
+            if self.scheduler.has_unfinished and not self.scheduler.awaiting_kv:
                 raise RuntimeError("scheduler made no progress with requests pending (pool too small?)")
             return []
         ordered = order_for_step(sched.scheduled)

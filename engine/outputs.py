@@ -11,7 +11,7 @@ class CompletionOutput:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str | None = None
-    """"stop", "length" or "abort"; None while running."""
+    """"stop", "length", "abort" or "error"; None while running."""
     logprobs: list[dict[int, float]] | None = None
     stop_reason: str | int | None = None
     """The stop string or token id that ended the completion, if any."""
@@ -56,3 +56,5 @@ class CompletionDelta:
     text: str
     logprobs: list[dict[int, float]] | None
     finish_reason: str | None
+    error: str | None = None
+    """Why the request failed, with finish_reason "error"."""

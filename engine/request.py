@@ -16,13 +16,16 @@ class RequestStatus(enum.Enum):
     WAITING = "waiting"
     RUNNING = "running"
     PREEMPTED = "preempted"
+    WAITING_FOR_KV = "waiting_for_kv"
+    """Blocks allocated; the prompt's KV is being written by a prefill worker."""
     FINISHED_STOPPED = "stop"
     FINISHED_LENGTH = "length"
     FINISHED_ABORTED = "abort"
+    FINISHED_ERROR = "error"
 
     @property
     def is_finished(self) -> bool:
-        return self in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH, RequestStatus.FINISHED_ABORTED)
+        return self.value in ("stop", "length", "abort", "error")
 
 
 @dataclass
@@ -45,6 +48,10 @@ class Request:
     siblings: list["Request"] = field(default_factory=list)
     """For n > 1: the other completions, forked from this one once its prompt is computed."""
     block_hashes: list[int] = field(default_factory=list)
+    remote_prefill: bool = False
+    """Decode side: the prompt's KV comes from a prefill worker instead of being computed here."""
+    hold_blocks: bool = False
+    """Prefill side: keep the blocks after finishing until ``release`` (the transfer reads them)."""
 
     def __post_init__(self) -> None:
         salt = self.sampling_params.cache_salt

@@ -34,10 +34,21 @@ class ScheduledRequest:
         return self.request.num_computed_tokens + self.num_new_tokens == self.request.num_tokens
 
 
+@dataclass(frozen=True)
+class RemotePrefill:
+    """A request admitted to wait for its prompt's KV: prompt blocks from ``first_block_index``
+    on must be written into ``block_ids`` (the earlier ones were prefix-cache hits here)."""
+
+    request: Request
+    first_block_index: int
+    block_ids: list[int]
+
+
 @dataclass
 class SchedulerOutput:
     scheduled: list[ScheduledRequest] = field(default_factory=list)
     preempted_ids: list[str] = field(default_factory=list)
+    remote_prefills: list[RemotePrefill] = field(default_factory=list)
 
     @property
     def num_batched_tokens(self) -> int:
@@ -57,6 +68,10 @@ class Scheduler:
         self.requests: dict[str, Request] = {}
         self._forks_pending: dict[str, list[Request]] = {}
         """Siblings (n > 1) waiting for their parent's prompt, keyed by the parent's id."""
+        self.awaiting_kv: dict[str, Request] = {}
+        """Admitted with blocks, waiting for a prefill worker to write their prompt's KV."""
+        self.held: dict[str, Request] = {}
+        """Finished prefill-side requests whose blocks stay allocated until released."""
 
     # -- intake --------------------------------------------------------------------
 
@@ -75,6 +90,10 @@ class Scheduler:
     @property
     def has_unfinished(self) -> bool:
         return bool(self.requests)
+
+    @property
+    def num_seqs(self) -> int:
+        return len(self.running) + len(self.awaiting_kv)
 
     @property
     def num_waiting(self) -> int:
@@ -114,12 +133,14 @@ class Scheduler:
         return out
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int, chunk: int) -> None:
-        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+        while self.waiting and budget > 0 and self.num_seqs < self.config.max_num_seqs:
             req = self.waiting[0]
             holds_blocks = bool(self.kv.block_ids(req.request_id))
             hit = self.kv.find_prefix(req) if not holds_blocks else None
             num_computed = req.num_computed_tokens if holds_blocks else hit.num_tokens
-            num_new = min(req.num_tokens - num_computed, chunk, budget)
+            # A remote prefill needs blocks for the whole prompt at once, and no compute here.
+            is_remote = req.remote_prefill and not holds_blocks
+            num_new = req.num_tokens - num_computed if is_remote else min(req.num_tokens - num_computed, chunk, budget)
             ok = self.kv.allocate_slots(req, num_new) if holds_blocks else self.kv.allocate_slots(req, num_new, hit)
             if not ok:
                 if self._release_waiting_blocks(keep=req):
@@ -130,10 +151,30 @@ class Scheduler:
                 req.num_computed_tokens = num_computed
                 if req.num_preemptions == 0:
                     req.num_cached_tokens = num_computed
+            if is_remote:
+                req.status = RequestStatus.WAITING_FOR_KV
+                self.awaiting_kv[req.request_id] = req
+                first = num_computed // self.kv.block_size
+                out.remote_prefills.append(RemotePrefill(req, first, self.kv.block_ids(req.request_id)[first:]))
+                continue
             req.status = RequestStatus.RUNNING
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, num_new))
             budget -= num_new
+
+    def complete_remote_prefill(self, request_id: str) -> Request:
+        """The prompt's KV has arrived: the request joins the running batch to decode."""
+        req = self.awaiting_kv.pop(request_id, None)
+        if req is None:
+            raise ValueError(f"request {request_id!r} is not waiting for KV")
+        req.remote_prefill = False  # a later preemption recomputes locally
+        req.num_computed_tokens = req.num_tokens
+        self.kv.cache_computed_blocks(req)
+        req.status = RequestStatus.RUNNING
+        self.running.append(req)
+        if request_id in self._forks_pending:
+            self._fork_siblings(req)
+        return req
 
     def _release_waiting_blocks(self, keep: Request | None) -> bool:
         """Free the blocks that forked siblings hold while they wait (last first).
@@ -186,23 +227,35 @@ class Scheduler:
             self.waiting.append(child)
 
     def finish_request(self, request_id: str, status: RequestStatus) -> Request | None:
-        """End a request (finished or aborted) at any point; frees all its blocks."""
+        """End a request (finished or aborted) at any point; frees all its blocks, unless it
+        asked to hold them (prefill side) and did not fail: then they wait for ``release``."""
         req = self.requests.pop(request_id, None)
         if req is None:
             return None
         req.status = status
         if req in self.running:
             self.running.remove(req)
-        else:
+        elif self.awaiting_kv.pop(request_id, None) is None:
             try:
                 self.waiting.remove(req)
             except ValueError:
                 # A sibling still waiting for its parent's prompt: it must not be forked later.
                 for pending in self._forks_pending.values():
                     pending[:] = [c for c in pending if c is not req]
-        self.kv.free(req)
+        if req.hold_blocks and status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
+            self.held[request_id] = req
+        else:
+            self.kv.free(req)
         # Siblings still waiting for this request's prompt cannot start without it.
         for child in self._forks_pending.pop(request_id, ()):
             self.requests.pop(child.request_id, None)
             child.status = RequestStatus.FINISHED_ABORTED
         return req
+
+    def release(self, request_id: str) -> bool:
+        """Free the blocks a finished prefill-side request held; False if it held none."""
+        req = self.held.pop(request_id, None)
+        if req is None:
+            return False
+        self.kv.free(req)
+        return True
