@@ -186,6 +186,10 @@ class LLMEngine:
                 deltas.append(CompletionDelta(rid, comp.output.index, [], "", None, reason, error))
         return deltas
 
+    def request_ids(self) -> list[str]:
+        """Ids of every request the engine still tracks (running, waiting, unfetched)."""
+        return list(self._groups)
+
     @property
     def has_unfinished(self) -> bool:
         return self.scheduler.has_unfinished

@@ -1,0 +1,165 @@
+"""An LLMEngine driven by one background thread, for asyncio servers.
+
+Every call into the engine runs on the engine thread (commands are closures queued
+to it), so the engine needs no locks. Deltas go back to per-request asyncio queues
+with ``call_soon_threadsafe``. Requests admitted for remote prefill are handed to
+``on_remote_prefill`` (a coroutine function) on the event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from typing import Any
+
+from .engine import LLMEngine
+from .outputs import CompletionDelta
+from .sampling_params import SamplingParams
+from .scheduler import RemotePrefill
+
+_IDLE_WAIT_S = 0.005
+
+
+class AsyncEngine:
+    def __init__(
+        self,
+        engine: LLMEngine,
+        loop: asyncio.AbstractEventLoop,
+        on_remote_prefill: Callable[[RemotePrefill], Awaitable[None]] | None = None,
+    ) -> None:
+        self.engine = engine
+        self.loop = loop
+        self.on_remote_prefill = on_remote_prefill
+        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        self._streams: dict[str, asyncio.Queue] = {}
+        """request_id -> queue of the CompletionDelta lists each step produced for it."""
+        self._request_of: dict[str, str] = {}
+        """Completion id ("{request_id}#{i}" when n > 1) -> request id."""
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
+        self._thread.start()
+
+    # -- calls from the event loop ---------------------------------------------------
+
+    async def call(self, fn: Callable[[], Any]) -> Any:
+        """Run ``fn()`` on the engine thread and return its result (exceptions propagate)."""
+        fut = self.loop.create_future()
+
+        def command() -> None:
+            try:
+                result = fn()
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                self.loop.call_soon_threadsafe(_set_exception, fut, e)
+            else:
+                self.loop.call_soon_threadsafe(_set_result, fut, result)
+
+        self._commands.put(command)
+        return await fut
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams, *, remote_prefill: bool = False
+    ) -> AsyncIterator[list[CompletionDelta]]:
+        """Add a request and yield its deltas step by step until every completion finished.
+
+        Raises ValueError (bad input) before yielding anything. If the consumer stops
+        early (client gone, cancellation), the request is aborted and its blocks freed.
+        """
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        for i in range(params.n if params.n > 1 else 0):
+            self._request_of[f"{request_id}#{i}"] = request_id
+        try:
+            await self.call(lambda: self.engine.add_request(request_id, prompt_token_ids, params, remote_prefill=remote_prefill))
+        except BaseException:
+            self._streams.pop(request_id, None)
+            raise
+        finished = False
+        num_open = params.n
+        try:
+            while num_open:
+                deltas = await stream.get()
+                num_open -= sum(1 for d in deltas if d.finish_reason is not None)
+                yield deltas
+            finished = True
+        finally:
+            self._streams.pop(request_id, None)
+            for i in range(params.n if params.n > 1 else 0):
+                self._request_of.pop(f"{request_id}#{i}", None)
+            if not finished:
+                self.abort(request_id)
+            else:
+                self._commands.put(lambda: self.engine.take_finished(request_id, []))
+
+    def abort(self, request_id: str, error: str | None = None) -> None:
+        """Abort from any thread; the request's stream gets its final delta(s)."""
+        self._commands.put(lambda: self._dispatch(self.engine.abort_request(request_id, error=error)))
+
+    def complete_remote_prefill(self, request_id: str, first_token_id: int, logprobs: dict[int, float] | None) -> None:
+        def command() -> None:
+            try:
+                self._dispatch([self.engine.complete_remote_prefill(request_id, first_token_id, logprobs)])
+            except ValueError:
+                pass  # aborted meanwhile: nothing waits for this KV any more
+
+        self._commands.put(command)
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=10)
+        self.engine.shutdown()
+
+    # -- the engine thread -----------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            busy = self.engine.has_unfinished and not self._only_awaiting_kv()
+            try:
+                # Busy: take what is queued and step. Idle: wait briefly for a command.
+                cmd = self._commands.get(block=not busy, timeout=_IDLE_WAIT_S)
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                cmd()
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            if self.engine.has_unfinished and not self._only_awaiting_kv():
+                try:
+                    self._dispatch(self.engine.step())
+                except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
+                    for rid in self.engine.request_ids():
+                        self._dispatch(self.engine.abort_request(rid, error=f"engine step failed: {e!r}"))
+            for rp in self.engine.take_remote_prefills():
+                if self.on_remote_prefill is not None:
+                    self.loop.call_soon_threadsafe(_spawn, self.loop, self.on_remote_prefill(rp))
+
+    def _only_awaiting_kv(self) -> bool:
+        s = self.engine.scheduler
+        return not s.running and not s.waiting
+
+    def _dispatch(self, deltas: list[CompletionDelta]) -> None:
+        by_request: dict[str, list[CompletionDelta]] = {}
+        for d in deltas:
+            rid = self._request_of.get(d.request_id, d.request_id)
+            by_request.setdefault(rid, []).append(d)
+        for rid, ds in by_request.items():
+            stream = self._streams.get(rid)
+            if stream is not None:
+                self.loop.call_soon_threadsafe(stream.put_nowait, ds)
+
+
+def _set_result(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)
+
+
+def _spawn(loop: asyncio.AbstractEventLoop, coro: Awaitable[None]) -> None:
+    loop.create_task(coro)
