@@ -92,6 +92,35 @@ class AsyncEngine:
             else:
                 self._commands.put(lambda: self.engine.take_finished(request_id, []))
 
+    async def prefill_only(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> tuple[CompletionDelta, list[int]]:
+        """Prefill side: compute the prompt and sample its first token. Returns that delta and
+        the request's block ids, which stay allocated until ``release``. Cancelled: aborted."""
+        stream: asyncio.Queue = asyncio.Queue()
+        self._streams[request_id] = stream
+        try:
+            await self.call(lambda: self.engine.add_prefill_only(request_id, prompt_token_ids, params))
+            (delta,) = await stream.get()
+
+            def finish() -> list[int]:
+                self.engine.take_finished(request_id, [])
+                return self.engine.block_ids(request_id)
+
+            block_ids = await self.call(finish)
+        except BaseException:
+            self.abort(request_id)
+            raise
+        finally:
+            self._streams.pop(request_id, None)
+        if delta.finish_reason in ("abort", "error"):
+            raise RuntimeError(delta.error or f"prefill of {request_id} was aborted")
+        return delta, block_ids
+
+    def release(self, request_id: str) -> None:
+        """Free the blocks a prefill-only request held (from any thread)."""
+        self._commands.put(lambda: self.engine.release(request_id))
+
     def abort(self, request_id: str, error: str | None = None) -> None:
         """Abort from any thread; the request's stream gets its final delta(s)."""
         self._commands.put(lambda: self._dispatch(self.engine.abort_request(request_id, error=error)))

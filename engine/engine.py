@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import operator
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
@@ -24,6 +25,19 @@ from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import RemotePrefill, Scheduler
 from .tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """Load and cache figures a worker reports (and the router weighs)."""
+
+    num_waiting: int
+    num_running: int
+    num_queued_prefill_tokens: int
+    num_kv_blocks_total: int
+    num_kv_blocks_free: int
+    prefix_cache_hit_tokens: int
+    prefix_cache_query_tokens: int
 
 
 class _Completion:
@@ -196,6 +210,20 @@ class LLMEngine:
 
     def kv_cache_stats(self) -> KVCacheStats:
         return self.kv.stats()
+
+    def stats(self) -> EngineStats:
+        s = self.scheduler
+        kv = self.kv.stats()
+        pending = list(s.waiting) + [r for r in s.running if r.is_prefilling]
+        return EngineStats(
+            num_waiting=s.num_waiting,
+            num_running=s.num_seqs,
+            num_queued_prefill_tokens=sum(r.num_tokens - r.num_computed_tokens for r in pending),
+            num_kv_blocks_total=kv.num_total_blocks,
+            num_kv_blocks_free=kv.num_free_blocks,
+            prefix_cache_hit_tokens=s.num_prefix_hit_tokens,
+            prefix_cache_query_tokens=s.num_prefix_query_tokens,
+        )
 
     # -- the loop ------------------------------------------------------------------
 

@@ -70,6 +70,9 @@ class Scheduler:
         """Siblings (n > 1) waiting for their parent's prompt, keyed by the parent's id."""
         self.awaiting_kv: dict[str, Request] = {}
         """Admitted with blocks, waiting for a prefill worker to write their prompt's KV."""
+        self.num_prefix_hit_tokens = 0
+        self.num_prefix_query_tokens = 0
+        """Prompt tokens found in / looked up in the prefix cache at first admission."""
         self.held: dict[str, Request] = {}
         """Finished prefill-side requests whose blocks stay allocated until released."""
 
@@ -151,6 +154,8 @@ class Scheduler:
                 req.num_computed_tokens = num_computed
                 if req.num_preemptions == 0:
                     req.num_cached_tokens = num_computed
+                    self.num_prefix_hit_tokens += num_computed
+                    self.num_prefix_query_tokens += req.num_prompt_tokens
             if is_remote:
                 req.status = RequestStatus.WAITING_FOR_KV
                 self.awaiting_kv[req.request_id] = req

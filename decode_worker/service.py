@@ -1,0 +1,187 @@
+"""The decode server: admits requests, gets their prompt KV written by a prefill
+worker (or prefills locally), decodes with continuous batching and streams deltas.
+
+Decode-first flow for a request with ``prefill_worker_id`` (design, "One request"):
+1. Generate arrives; the engine admits the request and allocates blocks for the
+   prompt beyond what this worker's prefix cache holds (``RemotePrefill``).
+2. ``_remote_prefill`` asks the prefill worker to fill exactly those blocks
+   (Prefill RPC with the destination block ids); this worker owns the memory before
+   any compute starts, so no KV is ever stranded on the prefill side.
+3. The prefill worker writes the KV, samples the first token and answers; the
+   request joins the running batch here. Failure or timeout of that hop fails the
+   request explicitly (finish_reason "error"), never a hang.
+4. Abort (client gone or Abort RPC) cancels the in-flight Prefill RPC, which makes
+   the prefill worker abort and free its side too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import uuid
+from typing import Protocol
+
+import grpc
+
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.outputs import CompletionDelta
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.scheduler import RemotePrefill
+from pdserve.proto import convert
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+
+log = logging.getLogger(__name__)
+
+
+class PeerDirectory(Protocol):
+    async def get(self, worker_id: str) -> pb.WorkerInfo | None:
+        """The registered worker, or None if unknown or expired."""
+
+
+class KVReceiver(Protocol):
+    """Decode side of KV transfer (backend-specific; see kvtransfer)."""
+
+    async def expect(self, transfer_id: str, source: pb.WorkerInfo, first_block_index: int, block_ids: list[int]) -> None:
+        """Get ready for a write into ``block_ids`` (two-sided backends post receives)."""
+
+    async def wait(self, transfer_id: str, timeout_s: float) -> None:
+        """Return once the transfer landed; raise on failure or timeout."""
+
+    def cancel(self, transfer_id: str) -> None:
+        """Stop expecting the transfer (idempotent)."""
+
+
+class DecodeService(pb_grpc.DecodeServicer):
+    def __init__(
+        self,
+        aengine: AsyncEngine,
+        worker_id: str,
+        peers: PeerDirectory,
+        receiver: KVReceiver,
+        prefill_timeout_s: float = 60.0,
+    ) -> None:
+        self.aengine = aengine
+        self.worker_id = worker_id
+        self.peers = peers
+        self.receiver = receiver
+        self.prefill_timeout_s = prefill_timeout_s
+        self._prefill_target: dict[str, str] = {}
+        """Completion id that runs the prompt -> prefill worker id."""
+        self._group_of: dict[str, str] = {}
+        self._prefill_tasks: dict[str, asyncio.Task] = {}
+        aengine.on_remote_prefill = self._remote_prefill
+
+    # -- RPCs ------------------------------------------------------------------------
+
+    async def Generate(self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext):
+        rid = request.request_id
+        try:
+            params = SamplingParams(**convert.sampling_kwargs(request.sampling_params))
+        except (ValueError, TypeError) as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        remote = bool(request.prefill_worker_id)
+        parent = rid if params.n == 1 else f"{rid}#0"
+        if remote:
+            self._prefill_target[parent] = request.prefill_worker_id
+            self._group_of[parent] = rid
+        num_tokens = [0] * params.n
+        prompt_len = len(request.prompt_token_ids)
+        num_open = params.n
+        try:
+            stream = self.aengine.generate(rid, list(request.prompt_token_ids), params, remote_prefill=remote)
+            try:
+                async for deltas in stream:
+                    for d in deltas:
+                        num_tokens[d.index] += len(d.token_ids)
+                        num_open -= d.finish_reason is not None
+                        msg = _delta_message(rid, d)
+                        if num_open == 0:
+                            msg.usage.CopyFrom(pb.Usage(prompt_tokens=prompt_len, completion_tokens=sum(num_tokens)))
+                        yield msg
+            except ValueError as e:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        finally:
+            self._prefill_target.pop(parent, None)
+            self._group_of.pop(parent, None)
+            task = self._prefill_tasks.pop(parent, None)
+            if task is not None and not task.done():
+                task.cancel()
+
+    async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
+        rid = request.request_id
+        found = rid in await self.aengine.call(self.aengine.engine.request_ids)
+        for parent, group in list(self._group_of.items()):
+            if group == rid and parent in self._prefill_tasks:
+                self._prefill_tasks[parent].cancel()
+        self.aengine.abort(rid)
+        return pb.AbortResponse(found=found)
+
+    async def Stats(self, request, context) -> pb.StatsResponse:
+        return await self.aengine.call(lambda: stats_message(self.aengine.engine, self.worker_id))
+
+    # -- the prefill hop -----------------------------------------------------------------
+
+    async def _remote_prefill(self, rp: RemotePrefill) -> None:
+        cid = rp.request.request_id
+        task = asyncio.current_task()
+        self._prefill_tasks[cid] = task
+        group = self._group_of.get(cid, cid)
+        transfer_id = f"{self.worker_id}:{cid}:{uuid.uuid4().hex[:8]}"
+        try:
+            target = self._prefill_target.get(cid)
+            info = await self.peers.get(target) if target else None
+            if info is None:
+                raise _HopError(f"prefill worker {target!r} is not registered")
+            await self.receiver.expect(transfer_id, info, rp.first_block_index, rp.block_ids)
+            req = pb.PrefillRequest(
+                request_id=cid,
+                prompt_token_ids=rp.request.prompt_token_ids,
+                sampling_params=convert.sampling_message(rp.request.sampling_params),
+                destination=pb.KVDestination(
+                    worker_id=self.worker_id, transfer_id=transfer_id,
+                    first_block_index=rp.first_block_index, block_ids=rp.block_ids,
+                ),
+                timeout_ms=int(self.prefill_timeout_s * 1000),
+            )
+            async with grpc.aio.insecure_channel(info.address) as channel:
+                resp = await pb_grpc.PrefillStub(channel).Prefill(req, timeout=self.prefill_timeout_s)
+            await self.receiver.wait(transfer_id, self.prefill_timeout_s)
+        except asyncio.CancelledError:
+            self.receiver.cancel(transfer_id)
+            raise
+        except grpc.aio.AioRpcError as e:
+            self.receiver.cancel(transfer_id)
+            self.aengine.abort(group, error=f"remote prefill failed: {e.code().name}: {e.details()}")
+            return
+        except Exception as e:  # noqa: BLE001 - any failure of the hop fails this request only
+            self.receiver.cancel(transfer_id)
+            self.aengine.abort(group, error=f"remote prefill failed: {e}")
+            return
+        finally:
+            self._prefill_tasks.pop(cid, None)
+        lp = convert.logprobs_dict(resp.first_logprobs) if resp.HasField("first_logprobs") else None
+        self.aengine.complete_remote_prefill(cid, resp.first_token_id, lp)
+
+
+class _HopError(Exception):
+    pass
+
+
+def _delta_message(request_id: str, d: CompletionDelta) -> pb.GenerateResponse:
+    msg = pb.GenerateResponse(
+        request_id=request_id, index=d.index, token_ids=d.token_ids, text=d.text,
+        finish_reason=convert.finish_reason_enum(d.finish_reason),
+    )
+    if d.logprobs:
+        for tok, lp in zip(d.token_ids, d.logprobs):
+            msg.logprobs.append(convert.logprobs_message(lp, tok))
+    if d.error:
+        msg.error.CopyFrom(pb.Error(code="internal", message=d.error))
+    return msg
+
+
+def stats_message(engine, worker_id: str) -> pb.StatsResponse:
+    """Called on the engine thread."""
+    return pb.StatsResponse(worker_id=worker_id, **dataclasses.asdict(engine.stats()))

@@ -1,0 +1,67 @@
+"""Messages <-> plain Python values, so the packages on either side need no proto logic.
+
+Nothing here imports the engine: ``sampling_kwargs`` returns keyword arguments for
+``pdserve.engine.SamplingParams``, whose constructor validates them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from . import pdserve_pb2 as pb
+
+_FINISH = {None: pb.FINISH_REASON_UNSPECIFIED, "stop": pb.STOP, "length": pb.LENGTH, "abort": pb.ABORT, "error": pb.ERROR}
+_FINISH_NAMES = {v: k for k, v in _FINISH.items()}
+
+
+def sampling_kwargs(msg: pb.SamplingParams) -> dict[str, Any]:
+    return dict(
+        n=msg.n or 1,
+        temperature=msg.temperature,
+        top_p=msg.top_p,
+        top_k=msg.top_k,
+        min_p=msg.min_p,
+        seed=msg.seed if msg.HasField("seed") else None,
+        max_tokens=msg.max_tokens,
+        stop=tuple(msg.stop),
+        stop_token_ids=tuple(msg.stop_token_ids),
+        ignore_eos=msg.ignore_eos,
+        logprobs=msg.logprobs if msg.HasField("logprobs") else None,
+        skip_special_tokens=msg.skip_special_tokens,
+        cache_salt=msg.cache_salt or None,
+    )
+
+
+def sampling_message(params: Any) -> pb.SamplingParams:
+    """From any object with SamplingParams' attributes."""
+    msg = pb.SamplingParams(
+        n=params.n, temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, min_p=params.min_p,
+        max_tokens=params.max_tokens, stop=list(params.stop), stop_token_ids=list(params.stop_token_ids),
+        ignore_eos=params.ignore_eos, skip_special_tokens=params.skip_special_tokens,
+        cache_salt=params.cache_salt or "",
+    )
+    if params.seed is not None:
+        msg.seed = params.seed
+    if params.logprobs is not None:
+        msg.logprobs = params.logprobs
+    return msg
+
+
+def logprobs_message(logprobs: Mapping[int, float], sampled: int) -> pb.TokenLogprobs:
+    """Sampled token first, then the alternatives in descending order."""
+    rest = sorted(((t, lp) for t, lp in logprobs.items() if t != sampled), key=lambda x: -x[1])
+    ids = [sampled] + [t for t, _ in rest]
+    return pb.TokenLogprobs(token_ids=ids, logprobs=[logprobs[sampled]] + [lp for _, lp in rest])
+
+
+def logprobs_dict(msg: pb.TokenLogprobs) -> dict[int, float]:
+    return dict(zip(msg.token_ids, msg.logprobs))
+
+
+def finish_reason_enum(reason: str | None) -> int:
+    return _FINISH[reason]
+
+
+def finish_reason_name(value: int) -> str | None:
+    return _FINISH_NAMES[value]
