@@ -1,0 +1,198 @@
+"""Run one worker (prefill, decode or both) as a plain process.
+
+    python -m pdserve.decode_worker --model DIR --store grpc://127.0.0.1:PORT [--port 0] ...
+    python -m pdserve.prefill_worker --model DIR --store redis://127.0.0.1:6379 ...
+
+Steps: build the engine and its KV transfer agent, start the gRPC server (with
+grpc.health.v1), register the worker in the control-plane store (refused with a
+clear error when incompatible), heartbeat within the TTL (re-registering if the
+entry expired), and on SIGTERM/SIGINT stop serving, deregister and exit. Prints
+``READY <worker_id> <host:port>`` once registered. Ray actors run the same
+``serve`` coroutine (deploy launches them); nothing here needs Ray.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, parse_dtype
+from pdserve.engine.engine import LLMEngine
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.proto import PROTOCOL_VERSION
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+
+from .store import ControlPlaneStore, open_store
+
+log = logging.getLogger("pdserve.worker")
+
+ROLES = {"prefill": pb.PREFILL, "decode": pb.DECODE, "both": pb.BOTH}
+KV_LAYOUT = "layer,block,kv,head,token,dim"
+
+
+def build_parser(role: str | None = None) -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog=f"python -m pdserve.{role}_worker" if role else "pdserve worker")
+    if role is None:
+        ap.add_argument("--role", choices=sorted(ROLES), required=True)
+    ap.add_argument("--model", required=True, help="Hugging Face model directory")
+    ap.add_argument("--store", required=True, help="control-plane store: redis://... or grpc://host:port")
+    ap.add_argument("--worker-id", default=None, help="default: <role>-<random>")
+    ap.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
+    ap.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
+    ap.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--num-kv-blocks", type=int, default=None)
+    ap.add_argument("--kv-cache-memory", type=int, default=512 << 20, help="KV bytes per rank when --num-kv-blocks is unset")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--transfer-backend", default="nixl", choices=["nixl", "torch"])
+    ap.add_argument("--heartbeat-ttl", type=float, default=10.0, help="seconds a registration lives without heartbeat")
+    ap.add_argument("--prefill-timeout", type=float, default=60.0, help="seconds for a remote prefill hop")
+    ap.add_argument("--log-level", default="INFO")
+    return ap
+
+
+def model_identity(cfg: ModelConfig) -> pb.ModelIdentity:
+    """Identify the weights by content of the config and the checkpoint's names and sizes."""
+    d = Path(cfg.model_dir)
+    h = hashlib.sha256((d / "config.json").read_bytes())
+    for f in sorted(d.glob("*.safetensors")):
+        h.update(f"{f.name}:{f.stat().st_size}".encode())
+    return pb.ModelIdentity(name=d.name, architecture=cfg.architecture, weights_digest=h.hexdigest()[:32],
+                            vocab_size=cfg.vocab_size)
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig.from_dir(args.model),
+        dtype=parse_dtype(args.dtype),
+        cache=CacheConfig(args.block_size, args.num_kv_blocks, args.kv_cache_memory),
+        scheduler=SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs),
+        parallel=ParallelConfig(args.tensor_parallel_size),
+    )
+
+
+def worker_info(args, role: int, worker_id: str, address: str, engine: LLMEngine, endpoint: pb.TransferEndpoint) -> pb.WorkerInfo:
+    cfg = engine.config
+    m = cfg.model
+    return pb.WorkerInfo(
+        worker_id=worker_id, role=role, address=address, protocol_version=PROTOCOL_VERSION,
+        model=model_identity(m),
+        kv_layout=pb.KVLayout(layout=KV_LAYOUT, num_layers=m.num_layers, num_kv_heads=m.num_kv_heads,
+                              head_dim=m.head_dim, block_size=cfg.cache.block_size,
+                              dtype=str(cfg.dtype).removeprefix("torch."),
+                              tp_size=cfg.parallel.tensor_parallel_size),
+        transfer=endpoint, num_kv_blocks=engine.num_blocks, node_id=socket.gethostname(),
+        started_at_ms=int(time.time() * 1000),
+    )
+
+
+class StorePeers:
+    """Worker lookups for the services, through the (blocking) store client."""
+
+    def __init__(self, store: ControlPlaneStore) -> None:
+        self.store = store
+
+    async def get(self, worker_id: str) -> pb.WorkerInfo | None:
+        return await asyncio.to_thread(self.store.get_worker, worker_id)
+
+
+async def serve(args: argparse.Namespace, role_name: str, stop: asyncio.Event | None = None) -> None:
+    from pdserve.kvtransfer.worker import make_transport  # noqa: PLC0415 - backend deps load on demand
+
+    role = ROLES[role_name]
+    worker_id = args.worker_id or f"{role_name}-{uuid.uuid4().hex[:8]}"
+    store = open_store(args.store)
+    engine = LLMEngine(engine_config(args), Tokenizer.from_dir(args.model))
+    loop = asyncio.get_running_loop()
+    aengine = AsyncEngine(engine, loop)
+    transport = make_transport(args.transfer_backend, engine, worker_id)
+    peers = StorePeers(store)
+    server = grpc.aio.server()
+    if role in (pb.PREFILL, pb.BOTH):
+        from pdserve.prefill_worker.service import PrefillService
+
+        pb_grpc.add_PrefillServicer_to_server(PrefillService(aengine, worker_id, peers, transport), server)
+    if role in (pb.DECODE, pb.BOTH):
+        from pdserve.decode_worker.service import DecodeService
+
+        pb_grpc.add_DecodeServicer_to_server(
+            DecodeService(aengine, worker_id, peers, transport, args.prefill_timeout), server
+        )
+    health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    port = server.add_insecure_port(f"{args.host}:{args.port}")
+    await server.start()
+    address = f"{args.host}:{port}"
+    info = worker_info(args, role, worker_id, address, engine, transport.endpoint())
+    await asyncio.to_thread(store.register, info, args.heartbeat_ttl)
+    await _set_serving(health_servicer)
+    print(f"READY {worker_id} {address}", flush=True)
+    stop = stop or _stop_on_signals()
+    beat = asyncio.create_task(_heartbeat(store, info, args.heartbeat_ttl))
+    try:
+        await stop.wait()
+    finally:
+        beat.cancel()
+        await server.stop(grace=2.0)
+        try:
+            await asyncio.to_thread(store.deregister, worker_id)
+        except Exception as e:  # noqa: BLE001 - the TTL removes the entry anyway
+            log.warning("deregister failed: %s", e)
+        aengine.shutdown()
+        transport.close()
+        store.close()
+
+
+async def _set_serving(servicer) -> None:
+    result = servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+    if asyncio.iscoroutine(result):
+        await result
+
+
+def _stop_on_signals() -> asyncio.Event:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    return stop
+
+
+async def _heartbeat(store: ControlPlaneStore, info: pb.WorkerInfo, ttl_s: float) -> None:
+    while True:
+        await asyncio.sleep(ttl_s / 3)
+        try:
+            if not await asyncio.to_thread(store.heartbeat, info.worker_id, ttl_s):
+                log.warning("registration of %s expired; registering again", info.worker_id)
+                await asyncio.to_thread(store.register, info, ttl_s)
+        except Exception as e:  # noqa: BLE001 - keep serving; the next beat retries
+            log.warning("heartbeat failed: %s", e)
+
+
+def main(role: str | None = None, argv: list[str] | None = None) -> int:
+    args = build_parser(role).parse_args(argv)
+    role = role or args.role
+    logging.basicConfig(level=args.log_level, format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
+    try:
+        asyncio.run(serve(args, role))
+    except ValueError as e:  # bad configuration, incompatible registration
+        print(f"pdserve {role} worker: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
