@@ -221,6 +221,12 @@ class EngineConfig:
     seed: int = 0
     max_model_len: int | None = None
     """Longest prompt + output; None: the model's max_position_embeddings."""
+    rank_extension: str | None = None
+    """"module:factory" each TP rank calls as ``factory(runner, tp, rank_extension_config)``
+    to build an object with ``handle(bytes) -> bytes`` and ``close()`` (e.g. a KV transfer
+    agent over that rank's KV region); rank 0 reaches every rank's through
+    ``executor.call_extension``."""
+    rank_extension_config: bytes = b""
 
     def __post_init__(self) -> None:
         if self.max_model_len is not None and not 1 <= self.max_model_len:
