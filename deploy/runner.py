@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import os
@@ -60,7 +61,7 @@ def build_parser(role: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--kv-cache-memory", type=int, default=512 << 20, help="KV bytes per rank when --num-kv-blocks is unset")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--transfer-backend", default="nixl", choices=["nixl", "torch"])
+    ap.add_argument("--transfer-backend", default="nixl", choices=["nixl", "torch_dist"])
     ap.add_argument("--heartbeat-ttl", type=float, default=10.0, help="seconds a registration lives without heartbeat")
     ap.add_argument("--prefill-timeout", type=float, default=60.0, help="seconds for a remote prefill hop")
     ap.add_argument("--log-level", default="INFO")
@@ -113,15 +114,21 @@ class StorePeers:
 
 
 async def serve(args: argparse.Namespace, role_name: str, stop: asyncio.Event | None = None) -> None:
-    from pdserve.kvtransfer.worker import make_transport  # noqa: PLC0415 - backend deps load on demand
+    from pdserve.kvtransfer import worker as kvworker  # noqa: PLC0415 - transfer backends load on demand
 
+    os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")  # NIXL logs every agent creation at INFO
     role = ROLES[role_name]
     worker_id = args.worker_id or f"{role_name}-{uuid.uuid4().hex[:8]}"
     store = open_store(args.store)
-    engine = LLMEngine(engine_config(args), Tokenizer.from_dir(args.model))
-    loop = asyncio.get_running_loop()
-    aengine = AsyncEngine(engine, loop)
-    transport = make_transport(args.transfer_backend, engine, worker_id)
+    config = dataclasses.replace(
+        engine_config(args),
+        rank_extension=kvworker.EXTENSION,
+        rank_extension_config=kvworker.extension_config(args.transfer_backend, worker_id),
+    )
+    engine = LLMEngine(config, Tokenizer.from_dir(args.model))
+    transport = kvworker.EngineTransport(engine, args.transfer_backend)  # before the engine thread starts
+    aengine = AsyncEngine(engine, asyncio.get_running_loop())
+    transport.attach(aengine)
     peers = StorePeers(store)
     server = grpc.aio.server()
     if role in (pb.PREFILL, pb.BOTH):

@@ -1,0 +1,181 @@
+"""Prefill worker -> KV transfer -> decode worker, as real processes over real gRPC.
+
+The control plane is the embedded store served over gRPC (what a single-machine
+`pdserve up` runs). Output must equal the single-process engine token for token,
+and every block must be free on both workers afterwards (their Stats say so).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import grpc
+import pytest
+
+import hf_reference as H
+from pdserve.deploy.store.embedded import ControlPlaneServer
+from pdserve.engine import LLM, SamplingParams
+from pdserve.proto import convert
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.integration
+
+BACKENDS = ["nixl", "torch_dist"]
+NUM_BLOCKS = 64
+
+
+class Worker:
+    def __init__(self, role: str, model_dir, store_url: str, worker_id: str, backend: str, extra=()):
+        self.worker_id = worker_id
+        cmd = [sys.executable, "-m", f"pdserve.{role}_worker", "--model", str(model_dir), "--store", store_url,
+               "--worker-id", worker_id, "--num-kv-blocks", str(NUM_BLOCKS), "--transfer-backend", backend,
+               "--heartbeat-ttl", "2", "--prefill-timeout", "10", "--log-level", "WARNING", *extra]
+        # stderr to a file: an unread pipe could fill up and block the worker.
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.address = self._wait_ready()
+        self.channel = grpc.insecure_channel(self.address)
+
+    def _wait_ready(self, timeout=120) -> str:
+        lines: list[str] = []
+
+        def read():
+            for line in self.proc.stdout:
+                lines.append(line)
+                if line.startswith("READY"):
+                    return
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        t.join(timeout)
+        if not lines or not lines[-1].startswith("READY"):
+            self.proc.kill()
+            self.log.seek(0)
+            raise RuntimeError(f"{self.worker_id} did not start: {lines} {self.log.read()[-3000:]}")
+        return lines[-1].split()[2]
+
+    def stats(self) -> pb.StatsResponse:
+        stub = pb_grpc.DecodeStub(self.channel) if self.worker_id.startswith("d") else pb_grpc.PrefillStub(self.channel)
+        return stub.Stats(pb.StatsRequest(), timeout=10)
+
+    def all_free(self) -> bool:
+        s = self.stats()
+        return s.num_kv_blocks_free == s.num_kv_blocks_total and s.num_running == 0
+
+    def stop(self):
+        self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def cluster(request, hf_model_dir):
+    model_dir = hf_model_dir("llama")
+    server = ControlPlaneServer()
+    server.start()
+    p = Worker("prefill", model_dir, server.url, "p0", request.param)
+    d = Worker("decode", model_dir, server.url, "d0", request.param)
+    try:
+        yield model_dir, server, p, d, request.param
+    finally:
+        d.stop()
+        p.stop()
+        server.stop()
+
+
+def generate(d: Worker, rid: str, prompt, params: SamplingParams, prefill="p0", timeout=60):
+    req = pb.GenerateRequest(request_id=rid, prompt_token_ids=prompt, sampling_params=convert.sampling_message(params),
+                             prefill_worker_id=prefill)
+    tokens, final = [], None
+    for msg in pb_grpc.DecodeStub(d.channel).Generate(req, timeout=timeout):
+        tokens.extend(msg.token_ids)
+        if msg.finish_reason:
+            final = msg
+    return tokens, final
+
+
+def test_greedy_equals_single_engine_concurrently(cluster):
+    model_dir, _, p, d, _ = cluster
+    prefix = H.random_prompts(1000, [40], seed=9)[0]
+    prompts = H.random_prompts(1000, [1, 17, 60], seed=10) + [prefix + [5, 6], prefix + [7, 8, 9]]
+    params = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True)
+    with LLM(model_dir, num_kv_blocks=NUM_BLOCKS) as llm:
+        ref = [o.token_ids for o in llm.generate(prompts, params)]
+    results: dict[int, list[int]] = {}
+    threads = [threading.Thread(target=lambda i=i, pr=pr: results.__setitem__(i, generate(d, f"r{i}", pr, params)[0]))
+               for i, pr in enumerate(prompts)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert [results[i] for i in range(len(prompts))] == ref
+    assert p.all_free() and d.all_free()
+
+
+def test_local_prefill_on_decode_worker(cluster):
+    model_dir, _, p, d, _ = cluster
+    prompt = H.random_prompts(1000, [30], seed=11)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+    with LLM(model_dir, num_kv_blocks=NUM_BLOCKS) as llm:
+        ref = llm.generate([prompt], params)[0].token_ids
+    tokens, final = generate(d, "local", prompt, params, prefill="")
+    assert tokens == ref and final.usage.completion_tokens == 8 and final.usage.prompt_tokens == 30
+    assert d.all_free()
+
+
+def test_unknown_prefill_worker_fails_the_request_explicitly(cluster):
+    _, _, p, d, _ = cluster
+    tokens, final = generate(d, "nope", [1, 2, 3], SamplingParams(max_tokens=4), prefill="p-missing")
+    assert tokens == [] and final.finish_reason == pb.ERROR and "not registered" in final.error.message
+    assert d.all_free()
+
+
+def test_bad_params_are_invalid_argument_and_worker_keeps_serving(cluster):
+    _, _, p, d, _ = cluster
+    with pytest.raises(grpc.RpcError) as e:
+        generate(d, "bad", [1, 2, 3], SamplingParams(max_tokens=100000))  # beyond the context
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "100000" in e.value.details()
+    tokens, _ = generate(d, "good", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    assert len(tokens) == 3 and d.all_free()
+
+
+def test_abort_during_decode_frees_both(cluster):
+    _, _, p, d, _ = cluster
+    req = pb.GenerateRequest(request_id="long", prompt_token_ids=list(range(3, 40)), prefill_worker_id="p0",
+                             sampling_params=convert.sampling_message(SamplingParams(temperature=0.0, max_tokens=500, ignore_eos=True)))
+    stream = pb_grpc.DecodeStub(d.channel).Generate(req, timeout=60)
+    next(stream)  # first token arrived: prefill and transfer are done, decoding runs
+    stream.cancel()  # the client goes away
+    deadline = time.monotonic() + 10
+    while not (d.all_free() and p.all_free()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert d.all_free() and p.all_free()
+
+
+def test_prefill_worker_killed_mid_request(cluster):
+    model_dir, server, p, d, backend = cluster
+    victim = Worker("prefill", model_dir, server.url, "p-victim", backend, extra=["--max-num-batched-tokens", "16"])
+    try:
+        os.kill(victim.proc.pid, 19)  # SIGSTOP: it accepts the connection but never answers
+        start = time.monotonic()
+        tokens, final = generate(d, "orphan", list(range(3, 200)), SamplingParams(max_tokens=4), prefill="p-victim")
+        assert final.finish_reason == pb.ERROR and time.monotonic() - start < 30
+        victim.proc.kill()
+        tokens, final = generate(d, "survivor", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+        assert len(tokens) == 3 and final.finish_reason == pb.LENGTH
+        assert d.all_free()
+    finally:
+        victim.proc.kill()
+        victim.stop()
+
