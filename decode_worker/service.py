@@ -71,6 +71,8 @@ class DecodeService(pb_grpc.DecodeServicer):
         """Completion id that runs the prompt -> prefill worker id."""
         self._group_of: dict[str, str] = {}
         self._prefill_tasks: dict[str, asyncio.Task] = {}
+        self.transfers = pb.StatsResponse()
+        """Counters of KV received from prefill workers (bytes, count, failures, latency)."""
         aengine.on_remote_prefill = self._remote_prefill
 
     # -- RPCs ------------------------------------------------------------------------
@@ -119,7 +121,10 @@ class DecodeService(pb_grpc.DecodeServicer):
         return pb.AbortResponse(found=found)
 
     async def Stats(self, request, context) -> pb.StatsResponse:
-        return await self.aengine.call(lambda: stats_message(self.aengine.engine, self.worker_id))
+        msg = await self.aengine.call(lambda: stats_message(self.aengine.engine, self.worker_id))
+        for name in ("transfer_bytes", "transfer_count", "transfer_failures", "transfer_latency_ms_sum"):
+            setattr(msg, name, getattr(self.transfers, name))
+        return msg
 
     # -- the prefill hop -----------------------------------------------------------------
 
@@ -152,17 +157,24 @@ class DecodeService(pb_grpc.DecodeServicer):
             self.receiver.cancel(transfer_id)
             raise
         except grpc.aio.AioRpcError as e:
-            self.receiver.cancel(transfer_id)
-            self.aengine.abort(group, error=f"remote prefill failed: {e.code().name}: {e.details()}")
+            self._fail_hop(group, transfer_id, f"{e.code().name}: {e.details()}")
             return
         except Exception as e:  # noqa: BLE001 - any failure of the hop fails this request only
-            self.receiver.cancel(transfer_id)
-            self.aengine.abort(group, error=f"remote prefill failed: {e}")
+            self._fail_hop(group, transfer_id, str(e))
             return
         finally:
             self._prefill_tasks.pop(cid, None)
+        self.transfers.transfer_bytes += resp.transfer.bytes
+        self.transfers.transfer_count += 1
+        self.transfers.transfer_latency_ms_sum += resp.transfer.latency_ms
         lp = convert.logprobs_dict(resp.first_logprobs) if resp.HasField("first_logprobs") else None
         self.aengine.complete_remote_prefill(cid, resp.first_token_id, lp)
+
+
+    def _fail_hop(self, group: str, transfer_id: str, why: str) -> None:
+        self.receiver.cancel(transfer_id)
+        self.transfers.transfer_failures += 1
+        self.aengine.abort(group, error=f"remote prefill failed: {why}")
 
 
 class _HopError(Exception):

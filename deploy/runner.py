@@ -30,6 +30,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from pdserve.engine.async_engine import AsyncEngine
+from pdserve.engine.block_pool import BlockStored
 from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, parse_dtype
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.tokenizer import Tokenizer
@@ -152,10 +153,12 @@ async def serve(args: argparse.Namespace, role_name: str, stop: asyncio.Event | 
     print(f"READY {worker_id} {address}", flush=True)
     stop = stop or _stop_on_signals()
     beat = asyncio.create_task(_heartbeat(store, info, args.heartbeat_ttl))
+    events = asyncio.create_task(_publish_kv_events(store, aengine, worker_id))
     try:
         await stop.wait()
     finally:
         beat.cancel()
+        events.cancel()
         await server.stop(grace=2.0)
         try:
             await asyncio.to_thread(store.deregister, worker_id)
@@ -189,6 +192,43 @@ async def _heartbeat(store: ControlPlaneStore, info: pb.WorkerInfo, ttl_s: float
                 await asyncio.to_thread(store.register, info, ttl_s)
         except Exception as e:  # noqa: BLE001 - keep serving; the next beat retries
             log.warning("heartbeat failed: %s", e)
+
+
+def kv_event_messages(worker_id: str, events) -> list[pb.KVEvent]:
+    """Engine KV events as wire messages (the store assigns sequence numbers)."""
+    out = []
+    for ev in events:
+        if isinstance(ev, BlockStored):
+            stored = pb.BlocksStored(block_hashes=ev.block_hashes, token_ids=ev.token_ids, block_size=ev.block_size)
+            if ev.parent_block_hash is not None:
+                stored.parent_block_hash = ev.parent_block_hash
+            out.append(pb.KVEvent(worker_id=worker_id, stored=stored))
+        else:
+            out.append(pb.KVEvent(worker_id=worker_id, removed=pb.BlocksRemoved(block_hashes=ev.block_hashes)))
+    return out
+
+
+async def _publish_kv_events(store: ControlPlaneStore, aengine: AsyncEngine, worker_id: str,
+                             interval_s: float = 0.1, max_pending: int = 100_000) -> None:
+    """Publish what the prefix cache stored and evicted, for routers to index.
+
+    Events that could not be published are retried with the next batch; past
+    ``max_pending`` they are dropped and replaced by one AllBlocksCleared, so readers
+    forget this worker's entries rather than trust an index with a hole in it.
+    """
+    pending: list[pb.KVEvent] = []
+    while True:
+        await asyncio.sleep(interval_s)
+        pending += kv_event_messages(worker_id, await aengine.call(aengine.engine.kv.take_events))
+        if len(pending) > max_pending:
+            pending = [pb.KVEvent(worker_id=worker_id, cleared=pb.AllBlocksCleared())]
+        if not pending:
+            continue
+        try:
+            await asyncio.to_thread(store.publish_kv_events, worker_id, pending)
+            pending = []
+        except Exception as e:  # noqa: BLE001 - retried with the next batch
+            log.warning("publishing %d KV events failed (will retry): %s", len(pending), e)
 
 
 def main(role: str | None = None, argv: list[str] | None = None) -> int:

@@ -179,3 +179,103 @@ def test_prefill_worker_killed_mid_request(cluster):
         victim.proc.kill()
         victim.stop()
 
+
+
+def block_bytes(model_dir, tp=1) -> int:
+    cfg = H.read_config(model_dir)
+    head_dim = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    return cfg["num_hidden_layers"] * 2 * cfg["num_key_value_heads"] * 16 * head_dim * 4
+
+
+def test_prefix_cached_on_decode_moves_only_missing_blocks(cluster):
+    model_dir, server, p, d, _ = cluster
+    prefix = H.random_prompts(1000, [64], seed=12)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    with LLM(model_dir, num_kv_blocks=NUM_BLOCKS) as llm:
+        ref = [o.token_ids for o in llm.generate([prefix + [1, 2, 3], prefix + [4, 5, 6, 7]], params)]
+    before = d.stats().transfer_bytes
+    assert generate(d, "first", prefix + [1, 2, 3], params)[0] == ref[0]
+    moved_first = d.stats().transfer_bytes - before
+    assert generate(d, "second", prefix + [4, 5, 6, 7], params)[0] == ref[1]
+    moved_second = d.stats().transfer_bytes - before - moved_first
+    assert moved_first == 5 * block_bytes(model_dir)  # 67 tokens: 5 blocks
+    assert moved_second == 1 * block_bytes(model_dir)  # the 4 full prefix blocks were cached on decode
+    assert p.all_free() and d.all_free()
+
+
+def test_workers_publish_kv_events(cluster):
+    from pdserve.engine.hashing import block_hashes
+
+    model_dir, server, p, d, _ = cluster
+    prompt = H.random_prompts(1000, [48], seed=13)[0]
+    generate(d, "events", prompt, SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    want = set(block_hashes(prompt, 16))
+    deadline = time.monotonic() + 10
+    seen: dict[str, set] = {"p0": set(), "d0": set()}
+    after = 0
+    while time.monotonic() < deadline and not all(want <= v for v in seen.values()):
+        batch = server.store.read_kv_events(after)
+        for ev in batch.events:
+            if ev.WhichOneof("event") == "stored" and ev.worker_id in seen:
+                seen[ev.worker_id].update(ev.stored.block_hashes)
+        after = batch.last_seq
+        time.sleep(0.1)
+    assert want <= seen["p0"] and want <= seen["d0"]
+
+
+def test_abort_during_prefill_frees_both(cluster):
+    model_dir, server, p, d, backend = cluster
+    slow = Worker("prefill", model_dir, server.url, "p-slow", backend, extra=["--max-num-batched-tokens", "8"])
+    try:
+        req = pb.GenerateRequest(request_id="cut", prompt_token_ids=list(range(3, 400)), prefill_worker_id="p-slow",
+                                 sampling_params=convert.sampling_message(SamplingParams(max_tokens=4)))
+        stream = pb_grpc.DecodeStub(d.channel).Generate(req, timeout=60)
+        deadline = time.monotonic() + 20
+        while slow.stats().num_running == 0 and time.monotonic() < deadline:  # prefill under way
+            time.sleep(0.02)
+        assert slow.stats().num_running == 1
+        stream.cancel()
+        deadline = time.monotonic() + 10
+        while not (d.all_free() and slow.all_free()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert d.all_free() and slow.all_free()
+    finally:
+        slow.stop()
+
+
+@pytest.fixture(scope="module", params=[(1, 2, "nixl", "embedded"), (2, 1, "torch_dist", "redis")],
+                ids=["tp1to2-nixl-embedded", "tp2to1-torchdist-redis"])
+def tp_cluster(request, hf_model_dir):
+    p_tp, d_tp, backend, store_kind = request.param
+    model_dir = hf_model_dir("llama")
+    server = None
+    if store_kind == "redis":
+        from redis_server import RedisServer
+
+        redis = RedisServer().start()
+        url = redis.url
+    else:
+        server = ControlPlaneServer()
+        server.start()
+        url = server.url
+    p = Worker("prefill", model_dir, url, "p0", backend, extra=["--tp", str(p_tp)])
+    d = Worker("decode", model_dir, url, "d0", backend, extra=["--tp", str(d_tp)])
+    try:
+        yield model_dir, p, d
+    finally:
+        d.stop()
+        p.stop()
+        if server is not None:
+            server.stop()
+        else:
+            redis.stop()
+
+
+def test_heterogeneous_tp_equals_single_engine(tp_cluster):
+    model_dir, p, d = tp_cluster
+    prompts = H.random_prompts(1000, [3, 16, 40, 90], seed=14)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    with LLM(model_dir, num_kv_blocks=NUM_BLOCKS) as llm:
+        ref = [o.token_ids for o in llm.generate(prompts, params)]
+    assert [generate(d, f"t{i}", pr, params)[0] for i, pr in enumerate(prompts)] == ref
+    assert p.all_free() and d.all_free()
