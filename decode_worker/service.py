@@ -122,8 +122,7 @@ class DecodeService(pb_grpc.DecodeServicer):
 
     async def Stats(self, request, context) -> pb.StatsResponse:
         msg = await self.aengine.call(lambda: stats_message(self.aengine.engine, self.worker_id))
-        for name in ("transfer_bytes", "transfer_count", "transfer_failures", "transfer_latency_ms_sum"):
-            setattr(msg, name, getattr(self.transfers, name))
+        msg.MergeFrom(self.transfers)
         return msg
 
     # -- the prefill hop -----------------------------------------------------------------

@@ -47,6 +47,8 @@ class PrefillService(pb_grpc.PrefillServicer):
         self.peers = peers
         self.sender = sender
         self.default_timeout_s = default_timeout_s
+        self.transfers = pb.StatsResponse()
+        """Counters of KV sent to decode workers (bytes, count, failures, latency)."""
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         rid = request.request_id
@@ -74,9 +76,14 @@ class PrefillService(pb_grpc.PrefillServicer):
             try:
                 stats = await self.sender.send(dest.transfer_id, src, dest, peer, timeout_s)
             except TimeoutError as e:
+                self.transfers.transfer_failures += 1
                 await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"KV transfer timed out: {e}")
             except (OSError, RuntimeError) as e:
+                self.transfers.transfer_failures += 1
                 await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {e}")
+            self.transfers.transfer_bytes += stats.bytes
+            self.transfers.transfer_count += 1
+            self.transfers.transfer_latency_ms_sum += stats.latency_ms
         finally:
             self.aengine.release(rid)
         token = delta.token_ids[0]
@@ -91,6 +98,8 @@ class PrefillService(pb_grpc.PrefillServicer):
 
     async def Stats(self, request, context) -> pb.StatsResponse:
         engine = self.aengine.engine
-        return await self.aengine.call(
+        msg = await self.aengine.call(
             lambda: pb.StatsResponse(worker_id=self.worker_id, **dataclasses.asdict(engine.stats()))
         )
+        msg.MergeFrom(self.transfers)
+        return msg

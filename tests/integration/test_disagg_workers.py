@@ -193,13 +193,14 @@ def test_prefix_cached_on_decode_moves_only_missing_blocks(cluster):
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     with LLM(model_dir, num_kv_blocks=NUM_BLOCKS) as llm:
         ref = [o.token_ids for o in llm.generate([prefix + [1, 2, 3], prefix + [4, 5, 6, 7]], params)]
-    before = d.stats().transfer_bytes
+    before, p_before = d.stats().transfer_bytes, p.stats().transfer_bytes
     assert generate(d, "first", prefix + [1, 2, 3], params)[0] == ref[0]
     moved_first = d.stats().transfer_bytes - before
     assert generate(d, "second", prefix + [4, 5, 6, 7], params)[0] == ref[1]
     moved_second = d.stats().transfer_bytes - before - moved_first
     assert moved_first == 5 * block_bytes(model_dir)  # 67 tokens: 5 blocks
     assert moved_second == 1 * block_bytes(model_dir)  # the 4 full prefix blocks were cached on decode
+    assert p.stats().transfer_bytes - p_before == moved_first + moved_second  # both sides count the same bytes
     assert p.all_free() and d.all_free()
 
 
