@@ -280,3 +280,38 @@ def test_heterogeneous_tp_equals_single_engine(tp_cluster):
         ref = [o.token_ids for o in llm.generate(prompts, params)]
     assert [generate(d, f"t{i}", pr, params)[0] for i, pr in enumerate(prompts)] == ref
     assert p.all_free() and d.all_free()
+
+
+def test_abort_during_transfer_frees_both(cluster):
+    """Freeze the decode worker so the prefill worker's write cannot finish, abort, resume."""
+    import signal
+
+    model_dir, server, p, d, backend = cluster
+    slow = Worker("prefill", model_dir, server.url, "p-xfer", backend, extra=["--max-num-batched-tokens", "8"])
+    try:
+        req = pb.GenerateRequest(request_id="mid-transfer", prompt_token_ids=list(range(3, 300)),
+                                 prefill_worker_id="p-xfer",
+                                 sampling_params=convert.sampling_message(SamplingParams(max_tokens=4)))
+        stream = pb_grpc.DecodeStub(d.channel).Generate(req, timeout=60)
+        deadline = time.monotonic() + 20
+        while slow.stats().num_running == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.kill(d.proc.pid, signal.SIGSTOP)  # prefill is running; the decode side now stands still
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:  # prefill done, blocks held: the write is in flight
+                s = slow.stats()
+                if s.num_running == 0 and s.num_waiting == 0 and s.num_kv_blocks_free < s.num_kv_blocks_total:
+                    break
+                time.sleep(0.02)
+            s = slow.stats()
+            assert s.num_running == 0 and s.num_kv_blocks_free < s.num_kv_blocks_total, s
+            stream.cancel()
+        finally:
+            os.kill(d.proc.pid, signal.SIGCONT)
+        deadline = time.monotonic() + 30
+        while not (d.all_free() and slow.all_free()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert d.all_free() and slow.all_free()
+    finally:
+        slow.stop()
