@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build of torch, pinned before anything that depends on it.
 	$(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test,nixl]'
+	$(PY) -m pip install -q -e '.[test,nixl,ray]'
 	touch $(STAMP)
 
 run: setup

@@ -1,0 +1,475 @@
+"""Launch a :class:`~pdserve.deploy.cluster.ClusterSpec`'s workers as Ray actors.
+
+::
+
+    server = ControlPlaneServer(); server.start()          # or a Redis URL
+    with RayLauncher(spec, server.url) as launcher:         # local Ray (or ray_address=...)
+        workers = launcher.launch()                        # [WorkerHandle(worker_id, role, address, actor)]
+        ...
+        launcher.stop_worker("prefill-0")                  # graceful: deregisters, then exits
+        launcher.kill_worker("decode-0")                   # crash: no cleanup, the store's TTL notices
+
+Placement. Every worker is one tensor-parallel group and gets its own placement group
+of ``tp_size`` bundles (each bundle = the pool's per-rank resources) with strategy
+``STRICT_PACK``, so a TP group never spans nodes. The :class:`WorkerActor` is placed in
+bundle 0 and consumes exactly that bundle's resources. It runs the same
+``pdserve.deploy.runner.serve`` coroutine as a plain-process worker, on an asyncio loop
+in a thread of its own, so the actor stays responsive to ``stop``/``ping`` calls.
+
+TP ranks 1..tp-1 are *not* Ray actors: the engine (``engine/executor.py``,
+``MultiprocExecutor``) spawns them itself as torch multiprocessing children of the
+actor process. They run inside the resources that bundles 1..tp-1 reserve: nothing else
+is ever scheduled into a worker's placement group, so those bundles stay free for them.
+On GPU bundles Ray would restrict the actor (and so its children) to bundle 0's GPU;
+for ``tp_size > 1`` the launcher therefore asks each bundle which GPU it holds (a tiny
+probe task per bundle), starts the actor with Ray's ``CUDA_VISIBLE_DEVICES`` override
+off, and sets ``CUDA_VISIBLE_DEVICES`` to the group's GPUs in rank order before the
+engine spawns its ranks. (That path has not been run on GPUs yet.)
+
+Liveness. The store is the source of truth for routing: a worker heartbeats its
+registration every TTL/3 and a dead one expires after its TTL (the store removes
+expired entries on read). :meth:`RayLauncher.alive` answers from Ray's actor table;
+an actor's lifetime is its worker's: if ``serve`` ends on its own after registering
+(a crash), the actor process exits. Ray kills a dead actor's child processes (its TP
+ranks) along with it.
+
+Ray is the orchestrator, never on the data path: requests and KV go over gRPC and the
+transfer backend, never through Ray objects.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import ray
+from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from .cluster import ClusterSpec, PoolSpec
+
+log = logging.getLogger("pdserve.deploy.ray")
+
+#: Object store size of a local Ray instance the launcher starts: workers pass no data
+#: through Ray, so keep it at Ray's minimum-ish instead of 30% of memory.
+LOCAL_OBJECT_STORE_BYTES = 128 << 20
+_NOSET_CUDA = "RAY_EXPERIMENTAL_NOSET_CUDA_VISIBLE_DEVICES"
+
+
+class WorkerStartError(RuntimeError):
+    """A worker could not be placed, or its process failed before it registered."""
+
+
+@dataclass
+class WorkerHandle:
+    worker_id: str
+    role: str
+    #: gRPC ``host:port`` the worker registered.
+    address: str
+    actor: Any  # ray.actor.ActorHandle
+    pool: str = ""
+    index: int = 0
+    placement_group: PlacementGroup | None = field(default=None, repr=False)
+    #: Ray node id and OS pid of the actor process (TP rank 0).
+    node_id: str = ""
+    pid: int = 0
+
+
+@ray.remote(max_concurrency=4, max_restarts=0)
+class WorkerActor:
+    """One worker (TP rank 0 of its group): runs ``runner.serve`` on its own asyncio loop.
+
+    ``start`` returns once the worker registered in the control-plane store (or raises
+    with the reason it did not); ``stop`` ends ``serve`` gracefully (stop serving,
+    deregister, free the engine) and waits for it; ``ping`` reports the state.
+    """
+
+    def __init__(self, role: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        os.environ.update(env or {})  # e.g. CUDA_VISIBLE_DEVICES for the TP ranks the engine spawns
+        self.role = role
+        self.argv = list(argv)
+        self.worker_id: str | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._stop_requested = False
+        self._error: BaseException | None = None
+        self._registered = False
+        self._lock = threading.Lock()
+
+    def start(self, timeout_s: float = 300.0) -> dict:
+        from pdserve.deploy.runner import build_parser  # noqa: PLC0415 - the engine loads in the actor
+        from pdserve.deploy.store import open_store  # noqa: PLC0415
+
+        if self._thread is not None:
+            raise RuntimeError("worker already started")
+        args = build_parser(self.role).parse_args(self.argv)
+        if not args.worker_id:
+            raise ValueError("the launcher must name the worker (--worker-id)")
+        self.worker_id = args.worker_id
+        logging.basicConfig(level=args.log_level,
+                            format=f"%(asctime)s {self.role} {args.worker_id} %(levelname)s %(name)s: %(message)s")
+        t0_ms = int(time.time() * 1000)
+        self._thread = threading.Thread(target=self._run, args=(args,), name=f"pdserve-{args.worker_id}", daemon=True)
+        self._thread.start()
+        store = open_store(args.store)
+        try:
+            deadline = time.monotonic() + timeout_s
+            while True:
+                if not self._thread.is_alive():
+                    err = self._error
+                    raise WorkerStartError(
+                        f"worker {args.worker_id} exited before registering: "
+                        f"{type(err).__name__ + ': ' + str(err) if err else 'serve returned'}"
+                    )
+                try:
+                    info = store.get_worker(args.worker_id)
+                except Exception as e:  # noqa: BLE001 - the store may be briefly unreachable; keep polling
+                    log.debug("store lookup failed: %s", e)
+                    info = None
+                # started_at_ms tells our registration from a stale one of an earlier incarnation.
+                if info is not None and info.started_at_ms >= t0_ms:
+                    self._registered = True
+                    return {"worker_id": args.worker_id, "address": info.address, "pid": os.getpid(),
+                            "node_id": ray.get_runtime_context().get_node_id()}
+                if time.monotonic() > deadline:
+                    self._request_stop()
+                    raise WorkerStartError(f"worker {args.worker_id} did not register within {timeout_s:.0f} s")
+                time.sleep(0.05)
+        finally:
+            store.close()
+
+    def _run(self, args) -> None:
+        from pdserve.deploy.runner import serve  # noqa: PLC0415
+
+        async def main() -> None:
+            with self._lock:
+                self._loop = asyncio.get_running_loop()
+                self._stop = asyncio.Event()
+                if self._stop_requested:
+                    self._stop.set()
+            await serve(args, self.role, self._stop)
+
+        try:
+            asyncio.run(main())
+        except BaseException as e:  # noqa: BLE001 - reported by start/ping
+            self._error = e
+            log.exception("worker %s failed", args.worker_id)
+        if self._registered and not self._stop_requested:
+            # serve ended on its own after the worker was up: die like a plain-process
+            # worker would, so Ray's actor state (alive()) tells the truth.
+            log.error("worker %s stopped serving unexpectedly; exiting the actor", args.worker_id)
+            os._exit(1)
+
+    def _request_stop(self) -> None:
+        with self._lock:
+            self._stop_requested = True
+            if self._loop is not None and self._stop is not None:
+                try:
+                    self._loop.call_soon_threadsafe(self._stop.set)
+                except RuntimeError:  # loop already closed: serve is over
+                    pass
+
+    def stop(self, timeout_s: float = 30.0) -> bool:
+        """Stop serving, deregister, shut the engine down; True once ``serve`` returned."""
+        self._request_stop()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            return not self._thread.is_alive()
+        return True
+
+    def ping(self) -> dict:
+        return {"worker_id": self.worker_id, "pid": os.getpid(),
+                "serving": self._thread is not None and self._thread.is_alive(),
+                "error": None if self._error is None else f"{type(self._error).__name__}: {self._error}"}
+
+
+@ray.remote(num_cpus=0)
+def _bundle_gpu_ids() -> list[str]:
+    return [str(i) for i in ray.get_gpu_ids()]
+
+
+def _actor_resource_options(resources: dict[str, float]) -> dict[str, Any]:
+    res = dict(resources)
+    opts: dict[str, Any] = {"num_cpus": res.pop("CPU", 0), "num_gpus": res.pop("GPU", 0)}
+    if "memory" in res:
+        opts["memory"] = res.pop("memory")
+    if res:
+        opts["resources"] = res
+    return opts
+
+
+class RayLauncher:
+    """Places and supervises the workers of a :class:`ClusterSpec` on Ray.
+
+    ``store_url`` is the control-plane store every worker registers in (``grpc://``
+    of a :class:`~pdserve.deploy.store.ControlPlaneServer`, or ``redis://``); it must be
+    reachable from the worker processes. ``ray_address``: an existing cluster
+    (``"auto"``, ``"host:port"``, ``"ray://..."``); None starts a local Ray instance with
+    ``num_cpus = max(cores, CPUs the spec needs)`` (logical CPUs, so a TP=2 spec still
+    fits a 2-core box), no dashboard and a small object store. If Ray is already
+    initialized in this process the launcher uses it and leaves it running on shutdown.
+    """
+
+    def __init__(
+        self,
+        spec: ClusterSpec,
+        store_url: str,
+        ray_address: str | None = None,
+        *,
+        log_to_driver: bool = False,
+        runtime_env: dict | None = None,
+        namespace: str | None = None,
+        placement_timeout_s: float = 60.0,
+        start_timeout_s: float = 300.0,
+        num_cpus: int | None = None,
+    ) -> None:
+        if not isinstance(spec, ClusterSpec):
+            raise TypeError(f"spec must be a ClusterSpec, got {type(spec).__name__}")
+        if not store_url or "://" not in store_url:
+            raise ValueError(
+                f"store_url must be a URL the workers can reach (grpc://host:port or redis://...), got {store_url!r}"
+            )
+        self.spec = spec
+        self.store_url = store_url
+        self.ray_address = ray_address
+        self.placement_timeout_s = placement_timeout_s
+        self.start_timeout_s = start_timeout_s
+        self.workers: dict[str, WorkerHandle] = {}
+        self._tag = uuid.uuid4().hex[:6]
+        self._owns_ray = False
+        self._closed = False
+        if ray.is_initialized():
+            if runtime_env or ray_address or num_cpus is not None:
+                log.warning("Ray is already initialized in this process: ignoring ray_address/runtime_env/num_cpus")
+            return
+        kw: dict[str, Any] = {"log_to_driver": log_to_driver, "namespace": namespace, "runtime_env": runtime_env,
+                              "configure_logging": False}
+        if ray_address:
+            ray.init(address=ray_address, **kw)
+        else:
+            cpus = num_cpus if num_cpus is not None else max(
+                os.cpu_count() or 1, int(-(-spec.total_resources().get("CPU", 0) // 1))
+            )
+            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+                     object_store_memory=LOCAL_OBJECT_STORE_BYTES, **kw)
+        self._owns_ray = True
+
+    # ------------------------------------------------------------------ launching
+
+    def launch(self) -> list[WorkerHandle]:
+        """Start every worker of the spec (in parallel); returns once all registered.
+
+        On any failure, the workers this call started are torn down and the error is
+        raised (:class:`WorkerStartError`).
+        """
+        return self._launch(list(self.spec.workers()))
+
+    def launch_worker(self, pool: PoolSpec | str, index: int) -> WorkerHandle:
+        """Start one more worker (e.g. to replace one that died): ``<pool>-<index>``."""
+        return self._launch([(self.spec._resolve_pool(pool), index)])[0]
+
+    def _launch(self, targets: list[tuple[PoolSpec, int]]) -> list[WorkerHandle]:
+        self._check_open()
+        for p, i in targets:
+            if p.worker_id(i) in self.workers:
+                raise ValueError(f"worker {p.worker_id(i)} is already running")
+        started: list[tuple[PoolSpec, int, PlacementGroup, Any]] = []
+        pgs: list[tuple[PoolSpec, int, PlacementGroup]] = []
+        try:
+            for p, i in targets:
+                pgs.append((p, i, placement_group(p.bundles(), strategy="STRICT_PACK",
+                                                  name=f"pdserve-{self._tag}-{p.worker_id(i)}")))
+            self._wait_placed(pgs)
+            for p, i, pg in pgs:
+                started.append((p, i, pg, self._create_actor(p, i, pg)))
+            refs = [actor.start.remote(self.start_timeout_s) for *_, actor in started]
+            handles = []
+            for (p, i, pg, actor), ref in zip(started, refs):
+                try:
+                    info = ray.get(ref, timeout=self.start_timeout_s + 30)
+                except ray.exceptions.RayError as e:
+                    cause = getattr(e, "cause", None) or e
+                    msg = str(cause) if isinstance(cause, WorkerStartError) else f"worker {p.worker_id(i)} failed to start: {cause}"
+                    raise WorkerStartError(msg) from None
+                handles.append(WorkerHandle(worker_id=info["worker_id"], role=p.role, address=info["address"],
+                                            actor=actor, pool=p.name, index=i, placement_group=pg,
+                                            node_id=info["node_id"], pid=info["pid"]))
+        except BaseException:
+            # Those that did register deregister first, so the store does not keep them for a TTL.
+            stops = [actor.stop.remote(5.0) for *_, actor in started]
+            if stops:
+                ray.wait(stops, num_returns=len(stops), timeout=10)
+            for *_, actor in started:
+                self._kill_actor(actor)
+            for *_, pg in pgs:
+                self._remove_pg(pg)
+            raise
+        for h in handles:
+            self.workers[h.worker_id] = h
+            log.info("worker %s (%s) ready at %s on node %s", h.worker_id, h.role, h.address, h.node_id[:8])
+        return handles
+
+    def _wait_placed(self, pgs: list[tuple[PoolSpec, int, PlacementGroup]]) -> None:
+        pending = {pg.ready(): (p, i) for p, i, pg in pgs}
+        ready, not_ready = ray.wait(list(pending), num_returns=len(pending), timeout=self.placement_timeout_s)
+        if not_ready:
+            missing = [pending[r] for r in not_ready]
+            raise WorkerStartError(
+                f"could not place {[p.worker_id(i) for p, i in missing]} within {self.placement_timeout_s:.0f} s: "
+                f"each needs {missing[0][0].tp_size} x {dict(missing[0][0].resources)} on ONE node (STRICT_PACK); "
+                f"cluster resources: {_plain(ray.cluster_resources())}, available: {_plain(ray.available_resources())}"
+            )
+        ray.get(ready)
+
+    def _create_actor(self, pool: PoolSpec, index: int, pg: PlacementGroup):
+        argv = self.spec.worker_args(pool, index, store_url=self.store_url)
+        env: dict[str, str] = {}
+        runtime_env: dict | None = None
+        if pool.tp_size > 1 and pool.resources.get("GPU", 0) > 0:
+            ids: list[str] = []
+            probes = [
+                _bundle_gpu_ids.options(num_gpus=pool.resources["GPU"], scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    pg, placement_group_bundle_index=b)).remote()
+                for b in range(pool.tp_size)
+            ]
+            for got in ray.get(probes, timeout=self.placement_timeout_s):
+                ids += [g for g in got if g not in ids]
+            env["CUDA_VISIBLE_DEVICES"] = ",".join(ids)
+            runtime_env = {"env_vars": {_NOSET_CUDA: "1"}}
+        opts = _actor_resource_options(dict(pool.resources))
+        opts["scheduling_strategy"] = PlacementGroupSchedulingStrategy(
+            pg, placement_group_bundle_index=0, placement_group_capture_child_tasks=False
+        )
+        if runtime_env:
+            opts["runtime_env"] = runtime_env
+        return WorkerActor.options(**opts).remote(pool.role, argv, env)
+
+    # ------------------------------------------------------------------ supervision
+
+    def handle(self, worker_id: str) -> WorkerHandle:
+        try:
+            return self.workers[worker_id]
+        except KeyError:
+            raise KeyError(f"no worker {worker_id!r} launched; running: {sorted(self.workers)}") from None
+
+    def stop_worker(self, worker_id: str, timeout_s: float = 30.0) -> bool:
+        """Graceful stop: the worker stops serving, deregisters from the store and exits.
+
+        Returns True when ``serve`` finished (deregistered) within ``timeout_s``; the
+        actor and its placement group are released either way.
+        """
+        h = self.handle(worker_id)
+        try:
+            graceful = bool(ray.get(h.actor.stop.remote(timeout_s), timeout=timeout_s + 10))
+        except (ray.exceptions.RayError, TimeoutError) as e:
+            log.warning("graceful stop of %s failed: %s", worker_id, e)
+            graceful = False
+        self._release(h)
+        return graceful
+
+    def kill_worker(self, worker_id: str) -> None:
+        """Kill the worker's process with no cleanup (simulates a crash): it stays
+        registered until its heartbeat TTL lapses."""
+        self._release(self.handle(worker_id))
+
+    def _release(self, h: WorkerHandle) -> None:
+        self._kill_actor(h.actor)
+        if h.placement_group is not None:
+            self._remove_pg(h.placement_group)
+        self.workers.pop(h.worker_id, None)
+
+    def alive(self) -> dict[str, bool]:
+        """worker_id -> whether Ray reports its actor ALIVE (for every launched worker)."""
+        if not self.workers or not ray.is_initialized():
+            return {w: False for w in self.workers}
+        out = {}
+        for wid, h in self.workers.items():
+            out[wid] = _actor_state(h.actor) == "ALIVE"
+        return out
+
+    def ping(self, worker_id: str, timeout_s: float = 10.0) -> dict:
+        """The actor's own view: pid, whether ``serve`` still runs, its error if any."""
+        return ray.get(self.handle(worker_id).actor.ping.remote(), timeout=timeout_s)
+
+    # ------------------------------------------------------------------ shutdown
+
+    def shutdown(self, timeout_s: float = 30.0) -> None:
+        """Stop every worker gracefully (in parallel), release all actors and placement
+        groups, then ``ray.shutdown()`` if this launcher initialized Ray. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        handles = list(self.workers.values())
+        if handles and ray.is_initialized():
+            refs = [h.actor.stop.remote(timeout_s) for h in handles]
+            done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s + 10)
+            for h, ref in zip(handles, refs):
+                if ref not in done:
+                    log.warning("worker %s did not stop within %.0f s; killing it", h.worker_id, timeout_s)
+                else:
+                    try:
+                        ray.get(ref)
+                    except ray.exceptions.RayError:
+                        pass  # already dead
+            for h in handles:
+                self._release(h)
+        self.workers.clear()
+        if self._owns_ray and ray.is_initialized():
+            ray.shutdown()
+
+    def __enter__(self) -> "RayLauncher":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.shutdown()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("the launcher was shut down")
+
+    @staticmethod
+    def _kill_actor(actor) -> None:
+        try:
+            ray.kill(actor, no_restart=True)
+        except Exception as e:  # noqa: BLE001 - already gone
+            log.debug("ray.kill: %s", e)
+
+    @staticmethod
+    def _remove_pg(pg: PlacementGroup) -> None:
+        try:
+            remove_placement_group(pg)
+        except Exception as e:  # noqa: BLE001 - already removed
+            log.debug("remove_placement_group: %s", e)
+
+
+def _plain(resources: dict[str, float]) -> dict[str, float]:
+    """Resources without Ray's per-placement-group and per-node bookkeeping entries."""
+    return {k: v for k, v in sorted(resources.items()) if "_group_" not in k and not k.startswith("node:")}
+
+
+def _actor_state(actor) -> str:
+    """Ray's actor-table state (ALIVE, PENDING_CREATION, RESTARTING, DEAD, ...)."""
+    from ray._private import state as ray_state  # noqa: PLC0415 - no public API without the dashboard
+
+    info = ray_state.actors(actor_id=actor._actor_id.hex())
+    return info.get("State", "DEAD") if info else "DEAD"
+
+
+def launch(spec: ClusterSpec, store_url: str, ray_address: str | None = None, **kw) -> tuple[RayLauncher, list[WorkerHandle]]:
+    """Convenience: make a :class:`RayLauncher` and launch the spec (shut down on failure)."""
+    launcher = RayLauncher(spec, store_url, ray_address, **kw)
+    try:
+        return launcher, launcher.launch()
+    except BaseException:
+        launcher.shutdown()
+        raise
+
+
+__all__: Iterable[str] = ["RayLauncher", "WorkerActor", "WorkerHandle", "WorkerStartError", "launch"]
