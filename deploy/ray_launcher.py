@@ -205,6 +205,27 @@ def _actor_resource_options(resources: dict[str, float]) -> dict[str, Any]:
     return opts
 
 
+LOCAL_START_ATTEMPTS = 3
+
+
+def _start_local_ray(**kwargs: Any) -> None:
+    """``ray.init`` of a new local node, retried when the node is slow to come up.
+
+    NOTE: Ray gives a new raylet a fixed 30 s to register. The first start in a fresh
+    environment (its agents' one-time set-up) on a loaded 2-core machine has been seen
+    to overrun that; a second start then comes up in seconds.
+    """
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        try:
+            ray.init(address="local", **kwargs)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
+            if "timed out during startup" not in str(e) or attempt == LOCAL_START_ATTEMPTS:
+                raise
+            log.warning("local Ray node was slow to start (attempt %d): %s; retrying", attempt, e)
+            ray.shutdown()
+
+
 class RayLauncher:
     """Places and supervises the workers of a :class:`ClusterSpec` on Ray.
 
@@ -257,8 +278,8 @@ class RayLauncher:
             cpus = num_cpus if num_cpus is not None else max(
                 os.cpu_count() or 1, int(-(-spec.total_resources().get("CPU", 0) // 1))
             )
-            ray.init(address="local", num_cpus=cpus, include_dashboard=False,
-                     object_store_memory=LOCAL_OBJECT_STORE_BYTES, **kw)
+            _start_local_ray(num_cpus=cpus, include_dashboard=False,
+                             object_store_memory=LOCAL_OBJECT_STORE_BYTES, **kw)
         self._owns_ray = True
 
     # ------------------------------------------------------------------ launching

@@ -118,6 +118,20 @@ def _child(conn: Any) -> None:
             times.append(time.perf_counter() - t0)
         return times
 
+    def memcpy1(nbytes, iters):
+        """memcpy(3) of ``nbytes`` on one thread (numpy), at a fresh place each time."""
+        slots = max(1, min(iters, (512 << 20) // max(nbytes, 1)))
+        slots = max(slots, min(iters, -(-(64 << 20) // max(nbytes, 1))))
+        src = np.random.default_rng(0).integers(0, 256, slots * nbytes, dtype=np.uint8)
+        dst = np.zeros_like(src)
+        times = []
+        for i in range(iters):
+            k = (i % slots) * nbytes
+            t0 = time.perf_counter()
+            np.copyto(dst[k:k + nbytes], src[k:k + nbytes])
+            times.append(time.perf_counter() - t0)
+        return times
+
     def descs_memcpy(name, descs, iters):
         """Copy the same descriptors within this rank's own region (local reference)."""
         flat = agents[name].region.view(-1).view(torch.uint8)
@@ -132,7 +146,7 @@ def _child(conn: Any) -> None:
         return times
 
     cmds = {f.__name__: f for f in (create, write, expect, wait, region, notifications, pending,
-                                    metrics, close, bench_write, drain, memcpy, descs_memcpy)}
+                                    metrics, close, bench_write, drain, memcpy, memcpy1, descs_memcpy)}
     cmds["add_peer"] = lambda name, peer, md: agents[name].add_peer(peer, md)
     cmds["pid"] = os.getpid
     while True:

@@ -84,13 +84,14 @@ def cluster(request, hf_model_dir):
     model_dir = hf_model_dir("llama")
     server = ControlPlaneServer()
     server.start()
-    p = Worker("prefill", model_dir, server.url, "p0", request.param)
-    d = Worker("decode", model_dir, server.url, "d0", request.param)
+    workers = []
     try:
-        yield model_dir, server, p, d, request.param
+        workers.append(Worker("prefill", model_dir, server.url, "p0", request.param))
+        workers.append(Worker("decode", model_dir, server.url, "d0", request.param))
+        yield model_dir, server, *workers, request.param
     finally:
-        d.stop()
-        p.stop()
+        for w in reversed(workers):
+            w.stop()
         server.stop()
 
 
@@ -259,13 +260,14 @@ def tp_cluster(request, hf_model_dir):
         server = ControlPlaneServer()
         server.start()
         url = server.url
-    p = Worker("prefill", model_dir, url, "p0", backend, extra=["--tp", str(p_tp)])
-    d = Worker("decode", model_dir, url, "d0", backend, extra=["--tp", str(d_tp)])
+    workers = []
     try:
-        yield model_dir, p, d
+        workers.append(Worker("prefill", model_dir, url, "p0", backend, extra=["--tp", str(p_tp)]))
+        workers.append(Worker("decode", model_dir, url, "d0", backend, extra=["--tp", str(d_tp)]))
+        yield model_dir, *workers
     finally:
-        d.stop()
-        p.stop()
+        for w in reversed(workers):
+            w.stop()
         if server is not None:
             server.stop()
         else:
@@ -315,3 +317,48 @@ def test_abort_during_transfer_frees_both(cluster):
         assert d.all_free() and slow.all_free()
     finally:
         slow.stop()
+
+
+def test_abort_from_the_prefill_side_fails_the_request_and_frees_both(cluster):
+    model_dir, server, p, d, backend = cluster
+    slow = Worker("prefill", model_dir, server.url, "p-abort", backend, extra=["--max-num-batched-tokens", "8"])
+    try:
+        results = {}
+        t = threading.Thread(target=lambda: results.update(out=generate(d, "p-side", list(range(3, 300)),
+                                                                         SamplingParams(max_tokens=4), prefill="p-abort")))
+        t.start()
+        deadline = time.monotonic() + 20
+        while slow.stats().num_running == 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        pb_grpc.PrefillStub(slow.channel).Abort(pb.AbortRequest(request_id="p-side"), timeout=10)
+        t.join(30)
+        tokens, final = results["out"]
+        assert tokens == [] and final.finish_reason == pb.ERROR
+        deadline = time.monotonic() + 10
+        while not (d.all_free() and slow.all_free()) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert d.all_free() and slow.all_free()
+    finally:
+        slow.stop()
+
+
+def test_prefill_worker_sigkilled_mid_prefill(cluster):
+    model_dir, server, p, d, backend = cluster
+    victim = Worker("prefill", model_dir, server.url, "p-dies", backend, extra=["--max-num-batched-tokens", "8"])
+    try:
+        results = {}
+        t = threading.Thread(target=lambda: results.update(out=generate(d, "dies", list(range(3, 300)),
+                                                                         SamplingParams(max_tokens=4), prefill="p-dies")))
+        start = time.monotonic()
+        t.start()
+        while victim.stats().num_running == 0 and time.monotonic() < start + 20:
+            time.sleep(0.02)
+        victim.proc.kill()
+        t.join(30)
+        tokens, final = results["out"]
+        assert final.finish_reason == pb.ERROR and time.monotonic() - start < 30
+        assert d.all_free()
+        tokens, final = generate(d, "after-death", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+        assert len(tokens) == 3
+    finally:
+        victim.stop()
