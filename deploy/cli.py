@@ -1,5 +1,6 @@
 """The `pdserve` command line.
 
+    pdserve up [--model DIR] [--prefill N] [--decode M] [--port 8000] ...
     pdserve make-tiny-model DIR
     pdserve generate [--model DIR] --prompt TEXT [--max-tokens N] ...
 
@@ -58,6 +59,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_up(args: argparse.Namespace) -> int:
+    from .up import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="pdserve", description="Disaggregated prefill/decode LLM serving")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,6 +87,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     p.add_argument("-v", "--verbose", action="store_true")
     p.set_defaults(func=cmd_generate)
+
+    from .up import add_arguments
+
+    p = sub.add_parser("up", help="run the whole cluster: workers (Ray), control plane, OpenAI gateway")
+    add_arguments(p)
+    p.set_defaults(func=cmd_up)
     return parser
 
 

@@ -1,0 +1,116 @@
+"""`pdserve up`: the whole cluster from one command.
+
+1. The model: ``--model DIR``, or the embedded tiny model (written on first use).
+2. The control-plane store: ``--redis-url``, or an embedded store served over gRPC
+   from this process (single machine).
+3. The workers: a ``ClusterSpec`` (``--spec FILE.yaml``, or the flags) launched as
+   Ray actors on a local Ray, or on ``--ray-address``.
+4. The OpenAI-compatible gateway on ``--host:--port`` (127.0.0.1:8000) until Ctrl-C
+   or SIGTERM; then every worker stops, Ray shuts down and the store closes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import sys
+from pathlib import Path
+
+from .cluster import ClusterSpec, PoolSpec
+
+log = logging.getLogger("pdserve.up")
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--spec", help="cluster spec YAML (flags below override its model and pool sizes)")
+    p.add_argument("--model", help="Hugging Face model directory (default: the embedded tiny model)")
+    p.add_argument("--prefill", type=int, default=None, help="prefill workers (default 1)")
+    p.add_argument("--decode", type=int, default=None, help="decode workers (default 1)")
+    p.add_argument("--prefill-tp", type=int, default=None, help="tensor-parallel size of each prefill worker")
+    p.add_argument("--decode-tp", type=int, default=None, help="tensor-parallel size of each decode worker")
+    p.add_argument("--router-policy", default="kv", choices=["kv", "round_robin", "random", "least_loaded"])
+    p.add_argument("--host", default="127.0.0.1", help="gateway address (default loopback)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
+    p.add_argument("--redis-url", default=None, help="Redis control-plane store (default: embedded)")
+    p.add_argument("--block-size", type=int, default=None)
+    p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes per worker rank")
+    p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--transfer-backend", default=None, choices=["nixl", "torch_dist"])
+
+
+def spec_from_args(args: argparse.Namespace, model: str) -> ClusterSpec:
+    """The spec the flags describe, on top of ``--spec`` when given."""
+    base = ClusterSpec.from_yaml(args.spec) if args.spec else ClusterSpec(
+        model=model, pools=(PoolSpec("prefill"), PoolSpec("decode")), extra_args=("--log-level", "WARNING")
+    )
+    pools = []
+    for pool in base.pools:
+        count = {"prefill": args.prefill, "decode": args.decode}.get(pool.role)
+        tp = {"prefill": args.prefill_tp, "decode": args.decode_tp}.get(pool.role)
+        pools.append(dataclasses.replace(pool, count=pool.count if count is None else count,
+                                         tp_size=pool.tp_size if tp is None else tp))
+    overrides = {k: v for k, v in (("block_size", args.block_size), ("kv_cache_memory", args.kv_cache_memory),
+                                   ("dtype", args.dtype), ("transfer_backend", args.transfer_backend)) if v is not None}
+    if args.model or not args.spec:
+        overrides["model"] = model
+    return dataclasses.replace(base, pools=tuple(pools), **overrides)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pdserve.router.app import GatewayConfig, serve
+
+    from .ray_launcher import RayLauncher
+    from .store.embedded import ControlPlaneServer
+
+    if args.model:
+        model = args.model
+    else:
+        from pdserve.engine.tiny_model import ensure_tiny_model
+
+        from .cli import default_model_dir
+
+        model = str(ensure_tiny_model(default_model_dir()))
+    spec = spec_from_args(args, model)
+    server = None
+    if args.redis_url:
+        store_url = args.redis_url
+    else:
+        server = ControlPlaneServer()
+        server.start()
+        store_url = server.url
+    launcher = None
+    try:
+        print(f"pdserve: starting {spec.num_workers()} workers for {spec.model} ...", flush=True)
+        launcher = RayLauncher(spec, store_url, args.ray_address)
+        for w in launcher.launch():
+            print(f"pdserve:   {w.role:<8} {w.worker_id:<12} {w.address}", flush=True)
+        url = f"http://{args.host}:{args.port}"
+        auth = f' -H "Authorization: Bearer {args.api_key}"' if args.api_key else ""
+        name = Path(spec.model).name
+        print(f"pdserve: serving {name} at {url}/v1  (Ctrl-C stops everything)", flush=True)
+        print(f"pdserve: try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
+              f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
+        config = GatewayConfig(store_url=store_url, model_dir=spec.model, served_model_name=name,
+                               api_key=args.api_key, router_policy=args.router_policy)
+        serve(config, host=args.host, port=args.port)
+    finally:
+        print("pdserve: stopping ...", flush=True)
+        if launcher is not None:
+            launcher.shutdown()
+        if server is not None:
+            server.stop()
+        print("pdserve: stopped", flush=True)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="pdserve up")
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
