@@ -18,8 +18,10 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q -e '.[test,nixl,ray]'
 	touch $(STAMP)
 
+# The whole cluster on this machine: local Ray, embedded control plane, the tiny model,
+# 1 prefill + 1 decode worker, the OpenAI gateway on 127.0.0.1:8000. Ctrl-C stops it.
 run: setup
-	$(VENV)/bin/pdserve generate -v --prompt "The quick brown fox" --prompt "Paged attention" --max-tokens 32
+	$(VENV)/bin/pdserve up
 
 test: setup
 	$(PY) -m pytest -q

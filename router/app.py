@@ -1,0 +1,359 @@
+"""The OpenAI-compatible HTTP API (FastAPI), served by uvicorn.
+
+Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
+``stream: true`` as server-sent events), ``GET /v1/models``, ``GET /health``
+(liveness), ``GET /ready`` (at least one prefill-capable and one decode-capable worker
+registered), ``GET /metrics`` (Prometheus).
+
+Order of checks for a generation request, cheapest first: API key (401), in-flight
+limit (503 + Retry-After), body size (413, from Content-Length and from the bytes
+actually read), JSON and types (400), model (404), values and lengths (400), routing
+(503 when no worker). Every error is OpenAI's envelope. Streaming requests answer
+their headers once the first token (or an error) arrives, so a request that cannot
+start gets a real status code; a failure after that ends the stream with
+``data: {"error": ...}`` and ``data: [DONE]``. A client that goes away, streaming or
+not, cancels its Generate calls, which frees its KV blocks on every worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from pdserve.engine.sampling_params import SamplingParams
+
+from .gateway import Gateway, GatewayConfig, Generation
+from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from .schemas import APIError, ChatCompletionRequest, CompletionRequest, ResponseBuilder, invalid, parse
+
+log = logging.getLogger("pdserve.gateway")
+
+__all__ = ["GatewayConfig", "create_app", "serve"]
+
+
+_INLINE_BODY_BYTES = 64 << 10
+"""Bodies above this are validated and tokenized on a worker thread, off the event loop."""
+
+
+class ClientGone(Exception):
+    """The client disconnected before its response started."""
+
+
+def create_app(config: GatewayConfig, *, router: Any = None) -> FastAPI:
+    """The gateway app; its lifespan connects to the store and follows the workers.
+
+    ``router`` replaces the ``pdserve.router.policy.Router`` built from ``config``.
+    """
+    gateway = Gateway(config, router=router)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        await gateway.start()
+        try:
+            yield
+        finally:
+            await gateway.stop()
+
+    app = FastAPI(title="pdserve gateway", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.gateway = gateway
+    _install_error_handlers(app)
+
+    async def authenticate(request: Request) -> None:
+        if config.api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), config.api_key.encode()):
+            gateway.metrics.requests.labels(_endpoint(request), "unauthorized").inc()
+            raise APIError(401, "invalid or missing API key (send 'Authorization: Bearer <key>')",
+                           type="authentication_error", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
+
+    @v1.post("/completions")
+    async def completions(request: Request) -> Response:
+        return await _generate(gateway, request, chat=False)
+
+    @v1.post("/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await _generate(gateway, request, chat=True)
+
+    @v1.get("/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
+                                            "owned_by": "pdserve", "max_model_len": gateway.context_len}]}
+
+    app.include_router(v1)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        state = await gateway.ready()
+        return JSONResponse(state, status_code=200 if state["ready"] else 503)
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(gateway.metrics.render(), media_type=METRICS_CONTENT_TYPE)
+
+    return app
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, e: APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status, headers=e.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
+        return await api_error(request, invalid(f"invalid request: {e.errors()[:1]}"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        return await api_error(request, APIError(e.status_code, str(e.detail), type=kind, headers=e.headers))
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, e: Exception) -> JSONResponse:
+        log.exception("unhandled error in %s %s", request.method, request.url.path)
+        return await api_error(request, APIError(500, "internal server error", type="server_error",
+                                                 code="internal_error"))
+
+
+def _endpoint(request: Request) -> str:
+    return request.url.path.removeprefix("/v1/").replace("/", "_")
+
+
+def _outcome(e: APIError) -> str:
+    if e.status == 401:
+        return "unauthorized"
+    if e.status < 500:
+        return "invalid"
+    return {"overloaded": "overloaded", "no_workers": "no_workers", "timeout": "timeout"}.get(e.code or "", "error")
+
+
+# -- one generation request ----------------------------------------------------------------
+
+
+async def _generate(gateway: Gateway, request: Request, *, chat: bool) -> Response:
+    arrival = time.monotonic()
+    endpoint = "chat_completions" if chat else "completions"
+    metrics = gateway.metrics
+    gen: Generation | None = None
+    handed_off = False
+    try:
+        gateway.admit()
+        try:
+            body, size = await _read_json(request, gateway.config.max_body_bytes)
+            if size > _INLINE_BODY_BYTES:  # tokenizing a big prompt would stall every other request
+                job = await asyncio.to_thread(_prepare, gateway, body, chat)
+            else:
+                job = _prepare(gateway, body, chat)
+            gen = gateway.generate(job.prompts, job.params, arrival)
+            builder = ResponseBuilder(chat=chat, request_id=gen.request_id, model=gateway.config.model_name,
+                                      num_choices=len(job.prompts) * job.params.n,
+                                      num_top_logprobs=job.num_top_logprobs, token_text=gateway.token_text,
+                                      include_usage=job.include_usage)
+            headers = {"X-Request-Id": gen.request_id}
+            if not job.stream:
+                result = await _until_disconnect(request, _collect(gen, builder))
+                metrics.requests.labels(endpoint, "success").inc()
+                return JSONResponse(result, headers=headers)
+            first = await _until_disconnect(request, gen.next())
+            response = _SSEResponse(gateway, gen, builder, first, endpoint, headers=headers)
+            handed_off = True
+            return response
+        finally:
+            if not handed_off:
+                if gen is not None:
+                    gen.cancel()
+                gateway.release()
+    except APIError as e:
+        metrics.requests.labels(endpoint, _outcome(e)).inc()
+        raise
+    except ClientGone:
+        metrics.requests.labels(endpoint, "cancelled").inc()
+        return Response(status_code=499)  # nobody reads it
+    except Exception:
+        metrics.requests.labels(endpoint, "error").inc()
+        raise
+
+
+@dataclass(frozen=True)
+class _Job:
+    """A validated generation request."""
+
+    prompts: list[list[int]]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+    num_top_logprobs: int | None
+
+
+def _prepare(gateway: Gateway, body: Any, chat: bool) -> _Job:
+    """Validate a body: 400/404 on anything a worker would refuse or we do not support."""
+    config = gateway.config
+    req = parse(ChatCompletionRequest if chat else CompletionRequest, body)
+    if req.model != config.model_name:
+        raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{config.model_name}'",
+                       param="model", code="model_not_found")
+    refusal = req.unsupported()
+    if refusal is not None:
+        raise refusal
+    if chat:
+        prompts = [gateway.encode_chat(req.template_messages())]
+        prompt_param = "messages"
+        max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if max_tokens is None:  # as OpenAI: whatever room the context leaves
+            max_tokens = max(gateway.context_len - len(prompts[0]), 1)
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        logprobs_param = "top_logprobs"
+    else:
+        prompts = gateway.encode_prompts(req.prompt)
+        prompt_param, max_tokens_param = "prompt", "max_tokens"
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens
+        logprobs, logprobs_param = req.logprobs, "logprobs"
+    if max_tokens < 1:
+        raise invalid(f"{max_tokens_param} must be >= 1, got {max_tokens}", param=max_tokens_param)
+    params = gateway.sampling_params(req, max_tokens=max_tokens, max_tokens_param=max_tokens_param,
+                                     logprobs=logprobs, logprobs_param=logprobs_param)
+    for prompt_ids in prompts:
+        gateway.check_length(prompt_ids, max_tokens, prompt_param, max_tokens_param)
+    return _Job(prompts, params, bool(req.stream), req.include_usage, logprobs)
+
+
+async def _read_json(request: Request, limit: int) -> tuple[Any, int]:
+    """The decoded body and its size in bytes."""
+    too_large = APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
+    length = request.headers.get("content-length")
+    if length is not None and length.isdigit() and int(length) > limit:
+        raise too_large
+    body = bytearray()
+    try:
+        async for chunk in request.stream():
+            body += chunk
+            if len(body) > limit:
+                raise too_large
+    except ClientDisconnect:
+        raise ClientGone() from None
+    try:
+        return json.loads(body, parse_constant=_reject_constant), len(body)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise invalid(f"the request body is not valid JSON: {e}") from None
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a valid JSON value")
+
+
+async def _until_disconnect(request: Request, work: Any) -> Any:
+    """Await ``work``; if the client disconnects first, cancel it and raise ClientGone."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # cancelled ourselves (server shutdown)
+        task.cancel()
+        raise
+    finally:
+        watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    raise ClientGone()
+
+
+async def _wait_disconnect(request: Request) -> None:
+    # The body was read already, so the next message is the disconnect.
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def _collect(gen: Generation, builder: ResponseBuilder) -> dict[str, Any]:
+    while (delta := await gen.next()) is not None:
+        builder.add(delta)
+    return builder.body(gen.num_prompt_tokens, gen.num_completion_tokens)
+
+
+def _sse(data: Any) -> bytes:
+    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+class _SSEResponse(StreamingResponse):
+    """The event stream of one request; owns its Generation and in-flight slot until the
+    stream ends, whether it completes, fails, or the client disconnects."""
+
+    def __init__(self, gateway: Gateway, gen: Generation, builder: ResponseBuilder, first: Any, endpoint: str,
+                 headers: dict[str, str]) -> None:
+        self.gateway, self.gen, self.builder, self.endpoint = gateway, gen, builder, endpoint
+        self.outcome = "cancelled"
+        super().__init__(self._events(first), media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", **headers})
+
+    async def _events(self, delta: Any):
+        gen, builder = self.gen, self.builder
+        try:
+            for chunk in builder.start_chunks():
+                yield _sse(chunk)
+            while delta is not None:
+                chunk = builder.chunk(delta)
+                if chunk is not None:
+                    yield _sse(chunk)
+                delta = await gen.next()
+            if builder.include_usage:
+                yield _sse(builder.usage_chunk(gen.num_prompt_tokens, gen.num_completion_tokens))
+            self.outcome = "success"
+        except APIError as e:
+            self.outcome = _outcome(e)
+            yield _sse(e.body())
+        except Exception:  # noqa: BLE001 - a bug must still end the stream visibly
+            log.exception("request %s: the event stream failed", gen.request_id)
+            self.outcome = "error"
+            yield _sse(APIError(500, "internal server error", type="server_error", code="internal_error").body())
+        yield b"data: [DONE]\n\n"
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.gen.cancel()
+            self.gateway.release()
+            self.gateway.metrics.requests.labels(self.endpoint, self.outcome).inc()
+
+
+# -- serving ---------------------------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def serve(config: GatewayConfig, host: str = "127.0.0.1", port: int = 8000, log_level: str = "info") -> None:
+    """Run the gateway with uvicorn until interrupted."""
+    import uvicorn  # noqa: PLC0415
+
+    if not is_loopback(host) and config.api_key is None:
+        log.warning("the gateway listens on %s without an API key: anyone who can reach it can use it "
+                    "(set --api-key)", host)
+    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level)

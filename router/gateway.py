@@ -1,0 +1,485 @@
+"""The gateway's core, below HTTP: configuration, the worker view, tokenization, and
+running one API request's Generate calls on the decode workers.
+
+Flow of one request (design, "One request", steps 1-3):
+
+1. ``encode_prompts`` / ``encode_chat`` turn the validated body into token ids;
+   ``sampling_params`` and ``check_length`` bound everything a worker would refuse.
+2. ``generate`` computes each prompt's chained block hashes, asks the router for a
+   decode worker (and, when remote prefill pays, a prefill worker), and opens
+   ``Decode.Generate`` on that worker with the decision's ``prefill_worker_id``.
+   Request ids are made here (uuid4); nothing internal comes from the client.
+3. :class:`Generation` merges the per-prompt streams into one stream of choice deltas.
+   Closing it (finished, failed, or the client went away) cancels every gRPC call that
+   is still open; the decode worker then aborts the request, on the prefill worker too,
+   and frees its blocks.
+
+A background task refreshes the worker list from the control-plane store every
+``refresh_interval_s`` (and the workers' Stats for the router's load view); the store
+client is blocking, so it runs in a thread. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from pdserve.engine.hashing import block_hashes
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.proto import convert
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+
+from .events import EventFollower
+from .metrics import GatewayMetrics
+from .policy import NoWorkersError, Router
+from .schemas import APIError, invalid
+
+log = logging.getLogger("pdserve.gateway")
+
+PREFILL_ROLES = (pb.PREFILL, pb.BOTH)
+DECODE_ROLES = (pb.DECODE, pb.BOTH)
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    """Everything one gateway process needs; validated on construction."""
+
+    store_url: str
+    """Control-plane store: ``grpc://host:port`` (embedded server) or ``redis://...``."""
+    model_dir: str
+    """Model directory: tokenizer, chat template, context length, served name."""
+    served_model_name: str | None = None
+    """Name clients put in ``model``; default: the model directory's name (what workers register)."""
+    api_key: str | None = None
+    """When set, every /v1 route needs ``Authorization: Bearer <api_key>``."""
+    router_policy: str = "kv"
+    block_size: int = 16
+    """Tokens per KV block; must equal the workers' (hashes are per full block)."""
+    disagg_threshold_tokens: int = 256
+    """Uncached prompt tokens from which prefill runs on a prefill worker."""
+    max_body_bytes: int = 1 << 20
+    max_prompt_tokens: int | None = None
+    """Longest accepted prompt; default: the context length minus one."""
+    max_n: int = 16
+    max_logprobs: int = 20
+    max_prompts: int = 32
+    """Prompts in one /v1/completions request."""
+    request_timeout_s: float = 600.0
+    """Deadline of one request's Generate calls, from its arrival."""
+    max_inflight: int = 256
+    """Generation requests served at once; beyond: 503 with Retry-After."""
+    retry_after_s: int = 1
+    refresh_interval_s: float = 0.5
+    stats_interval_s: float = 1.0
+    """How often workers' Stats feed the router's load view (0: never)."""
+
+    def __post_init__(self) -> None:
+        if not self.store_url:
+            raise ValueError(f"store_url must be set, got {self.store_url!r}")
+        if not (Path(self.model_dir) / "tokenizer.json").is_file():
+            raise ValueError(f"model_dir {self.model_dir!r} has no tokenizer.json")
+        if self.api_key is not None and not self.api_key:
+            raise ValueError("api_key must be a non-empty string or None")
+        positive = ("block_size", "max_body_bytes", "max_n", "max_prompts", "max_inflight", "request_timeout_s",
+                    "refresh_interval_s")
+        for name in positive:
+            value = getattr(self, name)
+            if not value > 0:
+                raise ValueError(f"{name} must be > 0, got {value!r}")
+        for name in ("disagg_threshold_tokens", "max_logprobs", "retry_after_s", "stats_interval_s"):
+            value = getattr(self, name)
+            if not value >= 0:
+                raise ValueError(f"{name} must be >= 0, got {value!r}")
+        if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
+            raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens!r}")
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or Path(self.model_dir).resolve().name
+
+
+class Gateway:
+    """Owns the tokenizer, the router, the store client, the worker channels and metrics."""
+
+    def __init__(self, config: GatewayConfig, router: Any = None) -> None:
+        self.config = config
+        self.tokenizer = Tokenizer.from_dir(config.model_dir)
+        model_config = json.loads((Path(config.model_dir) / "config.json").read_text())
+        self.context_len: int = model_config["max_position_embeddings"]
+        self.vocab_size: int = model_config["vocab_size"]
+        self.max_prompt_tokens = min(config.max_prompt_tokens or self.context_len - 1, self.context_len - 1)
+        self.router = router or Router(policy=config.router_policy, block_size=config.block_size,
+                                       disagg_threshold_tokens=config.disagg_threshold_tokens)
+        self.metrics = GatewayMetrics()
+        self.workers: dict[str, pb.WorkerInfo] = {}
+        self.num_inflight = 0
+        self._store = None
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        self._tasks: list[asyncio.Task] = []
+        self._follower = None
+        self._token_text: dict[int, str] = {}
+        self._refresh_failing = False
+
+    # -- lifecycle ----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        from pdserve.deploy.store import open_store  # noqa: PLC0415 - redis is imported only when used
+
+        self._store = await asyncio.to_thread(open_store, self.config.store_url)
+        await self.refresh()
+        self._tasks.append(asyncio.create_task(self._refresh_loop(), name="gateway-refresh"))
+        if self.config.stats_interval_s > 0 and hasattr(self.router, "update_load"):
+            self._tasks.append(asyncio.create_task(self._stats_loop(), name="gateway-stats"))
+        await self._start_event_follower()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self._follower is not None:
+            await asyncio.to_thread(self._follower.stop)
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+        if self._store is not None:
+            self._store.close()
+
+    async def _start_event_follower(self) -> None:
+        """Feed the router's prefix index from the store's KV events."""
+        index = getattr(self.router, "index", None)
+        if index is None:
+            return
+        self._follower = EventFollower(self._store, index)
+        self._follower.start()
+
+    # -- the worker view ----------------------------------------------------------------
+
+    async def refresh(self) -> None:
+        try:
+            workers = await asyncio.to_thread(self._store.list_workers)
+        except Exception as e:  # noqa: BLE001 - keep the last known view; retried next interval
+            if not self._refresh_failing:
+                log.warning("listing workers failed (keeping the last known %d): %s", len(self.workers), e)
+            self._refresh_failing = True
+            return
+        self._refresh_failing = False
+        self.router.update_workers(workers)
+        self.workers = {w.worker_id: w for w in workers}
+        for w in workers:
+            if w.kv_layout.block_size and w.kv_layout.block_size != self.config.block_size:
+                log.warning("worker %s uses block_size %d, the gateway %d: prefix routing will miss",
+                            w.worker_id, w.kv_layout.block_size, self.config.block_size)
+        self.metrics.workers.labels("prefill").set(sum(w.role in PREFILL_ROLES for w in workers))
+        self.metrics.workers.labels("decode").set(sum(w.role in DECODE_ROLES for w in workers))
+        addresses = {w.address for w in workers}
+        for address in [a for a in self._channels if a not in addresses]:
+            await self._channels.pop(address).close()
+
+    async def _refresh_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.refresh_interval_s)
+            await self.refresh()
+
+    async def _stats_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.stats_interval_s)
+            await asyncio.gather(*(self._poll_stats(w) for w in list(self.workers.values())))
+
+    async def _poll_stats(self, worker: pb.WorkerInfo) -> None:
+        channel = self.channel(worker.address)
+        stub = pb_grpc.DecodeStub(channel) if worker.role in DECODE_ROLES else pb_grpc.PrefillStub(channel)
+        try:
+            stats = await stub.Stats(pb.StatsRequest(), timeout=1.0)
+        except grpc.aio.AioRpcError as e:
+            log.debug("Stats of %s failed: %s", worker.worker_id, e.code().name)
+            return
+        self.router.update_load(worker.worker_id, stats)
+
+    async def ready(self) -> dict[str, Any]:
+        """``{"ready": bool, "prefill": n, "decode": n}`` from a fresh look at the store."""
+        try:
+            workers = await asyncio.wait_for(asyncio.to_thread(self._store.list_workers), timeout=5.0)
+        except Exception as e:  # noqa: BLE001 - not ready is the answer
+            return {"ready": False, "prefill": 0, "decode": 0, "reason": f"control-plane store: {e}"}
+        num_prefill = sum(w.role in PREFILL_ROLES for w in workers)
+        num_decode = sum(w.role in DECODE_ROLES for w in workers)
+        return {"ready": num_prefill >= 1 and num_decode >= 1, "prefill": num_prefill, "decode": num_decode}
+
+    def channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+        return channel
+
+    # -- admission and input ----------------------------------------------------------------
+
+    def admit(self) -> None:
+        """Take an in-flight slot (give it back with ``release``); 503 when full."""
+        if self.num_inflight >= self.config.max_inflight:
+            raise APIError(503, "the server is overloaded; retry later", type="server_error", code="overloaded",
+                           headers={"Retry-After": str(self.config.retry_after_s)})
+        self.num_inflight += 1
+        self.metrics.running.set(self.num_inflight)
+
+    def release(self) -> None:
+        self.num_inflight -= 1
+        self.metrics.running.set(self.num_inflight)
+
+    def encode_prompts(self, prompt: str | list) -> list[list[int]]:
+        """Token ids of each prompt of a completions request (string, strings, ids, id lists)."""
+        if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
+            prompts = [prompt]
+        else:
+            prompts = prompt
+        if not prompts:
+            raise invalid("prompt must not be empty", param="prompt")
+        if len(prompts) > self.config.max_prompts:
+            raise invalid(f"at most {self.config.max_prompts} prompts per request, got {len(prompts)}", param="prompt")
+        out = []
+        for p in prompts:
+            if len(p) == 0:
+                raise invalid("prompt must not be empty", param="prompt")
+            if isinstance(p, str):
+                out.append(self.tokenizer.encode(p))
+            else:
+                bad = next((t for t in p if not 0 <= t < self.vocab_size), None)
+                if bad is not None:
+                    raise invalid(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", param="prompt")
+                out.append(list(p))
+        return out
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        if self.tokenizer.chat_template is None:
+            raise invalid("this model has no chat template; use /v1/completions", param="messages")
+        try:
+            return self.tokenizer.encode_chat(messages)
+        except Exception as e:  # noqa: BLE001 - template errors (raise_exception) are the client's input
+            raise invalid(f"the chat template rejected the messages: {e}", param="messages") from None
+
+    def check_length(self, prompt_ids: list[int], max_tokens: int, prompt_param: str, max_tokens_param: str) -> None:
+        if len(prompt_ids) > self.max_prompt_tokens:
+            raise invalid(f"the prompt is too long: {len(prompt_ids)} tokens, the limit is {self.max_prompt_tokens}",
+                          param=prompt_param, code="context_length_exceeded")
+        if len(prompt_ids) + max_tokens > self.context_len:
+            raise invalid(
+                f"This model's maximum context length is {self.context_len} tokens. However, you requested "
+                f"{len(prompt_ids) + max_tokens} tokens ({len(prompt_ids)} in the prompt, {max_tokens} for the "
+                f"completion). Reduce the prompt or {max_tokens_param}.",
+                param=max_tokens_param, code="context_length_exceeded")
+
+    def sampling_params(self, req: Any, *, max_tokens: int, max_tokens_param: str, logprobs: int | None,
+                        logprobs_param: str) -> SamplingParams:
+        """SamplingParams from a validated body; out-of-range values are 400 naming the param."""
+        n = 1 if req.n is None else req.n
+        if not 1 <= n <= self.config.max_n:
+            raise invalid(f"n must be in [1, {self.config.max_n}], got {n}", param="n")
+        temperature = 1.0 if req.temperature is None else req.temperature
+        if not 0.0 <= temperature <= 2.0:
+            raise invalid(f"temperature must be in [0, 2], got {temperature}", param="temperature")
+        if logprobs is not None and not 0 <= logprobs <= self.config.max_logprobs:
+            raise invalid(f"{logprobs_param} must be in [0, {self.config.max_logprobs}], got {logprobs}",
+                          param=logprobs_param)
+        top_k = req.top_k or 0
+        if top_k >= self.vocab_size:  # keeps every token, like 0; and fits the wire's int32
+            top_k = 0
+        names = {"max_tokens": max_tokens_param, "logprobs": logprobs_param, "at": "stop"}
+        try:
+            return SamplingParams(
+                n=n, temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p,
+                top_k=top_k, min_p=req.min_p or 0.0, seed=req.seed, max_tokens=max_tokens,
+                stop=req.stop or (), ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
+            )
+        except ValueError as e:  # SamplingParams names the field first ("top_p must be in ...")
+            first = str(e).split(" ", 1)[0]
+            raise invalid(str(e), param=names.get(first, first)) from None
+
+    def token_text(self, token_id: int) -> str:
+        text = self._token_text.get(token_id)
+        if text is None:
+            text = self._token_text[token_id] = self.tokenizer.decode([token_id], skip_special_tokens=False)
+        return text
+
+    # -- generation ----------------------------------------------------------------------------
+
+    def generate(self, prompts: list[list[int]], params: SamplingParams, arrival: float) -> Generation:
+        """Route every prompt and open its Generate call; 503 when no worker can take it."""
+        gen = Generation(self, params, arrival)
+        try:
+            for i, prompt_ids in enumerate(prompts):
+                gen.open(i, prompt_ids)
+        except BaseException:
+            gen.cancel()
+            raise
+        return gen
+
+
+@dataclass
+class Delta:
+    """One streamed delta of choice ``index`` (prompt i, completion j: ``i * n + j``)."""
+
+    index: int
+    token_ids: list[int]
+    text: str
+    logprobs: list[pb.TokenLogprobs]
+    finish_reason: str | None
+
+
+class Generation:
+    """The Generate calls of one API request, merged into one stream of :class:`Delta`.
+
+    ``next()`` returns deltas in arrival order and ``None`` once every choice finished;
+    a worker failure raises :class:`APIError` (and cancels the other calls). Call
+    ``cancel()`` (idempotent) in a ``finally``: it cancels whatever is still open.
+    """
+
+    def __init__(self, gateway: Gateway, params: SamplingParams, arrival: float) -> None:
+        self.gateway = gateway
+        self.params = params
+        self.arrival = arrival
+        self.request_id = uuid.uuid4().hex
+        self.num_prompt_tokens = 0
+        self.num_completion_tokens = 0
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._calls: list[grpc.aio.UnaryStreamCall] = []
+        self._pumps: list[asyncio.Task] = []
+        self._decisions: list[tuple[Any, list[int]]] = []
+        self._num_open = 0
+        self._last_token_at: dict[int, float] = {}
+        self._first_token_at: float | None = None
+        self._done = False
+
+    def open(self, i: int, prompt_ids: list[int]) -> None:
+        gw = self.gateway
+        hashes = block_hashes(prompt_ids, gw.config.block_size)
+        try:
+            decision = gw.router.route(prompt_ids, hashes)
+        except NoWorkersError as e:
+            raise APIError(503, f"no worker can serve this request now: {e}", type="server_error",
+                           code="no_workers", headers={"Retry-After": str(gw.config.retry_after_s)}) from None
+        worker = gw.workers.get(decision.decode_worker_id)
+        if worker is None:
+            raise APIError(503, "the chosen decode worker left the cluster; retry", type="server_error",
+                           code="no_workers", headers={"Retry-After": str(gw.config.retry_after_s)})
+        self._decisions.append((decision, prompt_ids))
+        gw.metrics.routing.labels("remote" if decision.prefill_worker_id else "local").inc()
+        gw.metrics.kv_hit_tokens.labels("decode").inc(decision.cached_tokens_decode or 0)
+        gw.metrics.kv_hit_tokens.labels("prefill").inc(decision.cached_tokens_prefill or 0)
+        gw.metrics.prompt_tokens.inc(len(prompt_ids))
+        self.num_prompt_tokens += len(prompt_ids)
+        remaining_s = max(gw.config.request_timeout_s - (time.monotonic() - self.arrival), 0.001)
+        request = pb.GenerateRequest(
+            request_id=self.request_id if i == 0 else f"{self.request_id}-{i}",
+            prompt_token_ids=prompt_ids, sampling_params=convert.sampling_message(self.params),
+            prefill_worker_id=decision.prefill_worker_id or "", timeout_ms=min(int(remaining_s * 1000) + 1, 2**32 - 1),
+        )
+        call = pb_grpc.DecodeStub(gw.channel(worker.address)).Generate(request, timeout=remaining_s)
+        self._calls.append(call)
+        self._num_open += self.params.n
+        self._pumps.append(asyncio.create_task(self._pump(i, call, worker.worker_id)))
+
+    async def _pump(self, i: int, call: grpc.aio.UnaryStreamCall, worker_id: str) -> None:
+        n = self.params.n
+        num_finished = 0
+        try:
+            async for msg in call:
+                if msg.finish_reason in (pb.ABORT, pb.ERROR):
+                    log.warning("request %s failed on %s: %s", msg.request_id, worker_id,
+                                msg.error.message or "aborted")
+                    self._queue.put_nowait(APIError(
+                        500, f"generation failed on the serving cluster (request {self.request_id})",
+                        type="server_error", code="generation_failed"))
+                    return
+                reason = convert.finish_reason_name(msg.finish_reason)
+                num_finished += reason is not None
+                self._queue.put_nowait(Delta(i * n + msg.index, list(msg.token_ids), msg.text, list(msg.logprobs),
+                                             reason))
+            if num_finished < n:
+                self._queue.put_nowait(APIError(500, f"worker {worker_id} ended the stream early",
+                                                type="server_error", code="generation_failed"))
+        except grpc.aio.AioRpcError as e:
+            self._queue.put_nowait(self._rpc_error(e, worker_id))
+        except Exception:  # noqa: BLE001 - never leave next() waiting
+            log.exception("request %s: reading the stream of %s failed", self.request_id, worker_id)
+            self._queue.put_nowait(APIError(500, f"internal error (request {self.request_id})",
+                                            type="server_error", code="internal_error"))
+
+    def _rpc_error(self, e: grpc.aio.AioRpcError, worker_id: str) -> APIError:
+        code = e.code()
+        retry = {"Retry-After": str(self.gateway.config.retry_after_s)}
+        if code == grpc.StatusCode.INVALID_ARGUMENT:
+            return invalid(e.details() or "invalid request")
+        log.warning("request %s: Generate on %s failed: %s %s", self.request_id, worker_id, code.name, e.details())
+        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            return APIError(504, f"the request did not finish within {self.gateway.config.request_timeout_s:g} s",
+                            type="server_error", code="timeout")
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
+            return APIError(503, f"the decode worker is unavailable (request {self.request_id}); retry",
+                            type="server_error", code="worker_unavailable", headers=retry)
+        return APIError(500, f"generation failed on the serving cluster (request {self.request_id})",
+                        type="server_error", code="generation_failed")
+
+    async def next(self) -> Delta | None:
+        while self._num_open:
+            item = await self._queue.get()
+            if isinstance(item, APIError):
+                self.cancel()
+                raise item
+            self._observe(item)
+            if item.finish_reason is not None:
+                self._num_open -= 1
+            return item
+        if not self._done:
+            self._done = True
+            self.gateway.metrics.e2e.observe(time.monotonic() - self.arrival)
+            self.cancel()
+        return None
+
+    def _observe(self, delta: Delta) -> None:
+        if not delta.token_ids:
+            return
+        now = time.monotonic()
+        metrics = self.gateway.metrics
+        if self._first_token_at is None:
+            self._first_token_at = now
+            metrics.ttft.observe(now - self.arrival)
+        last = self._last_token_at.get(delta.index)
+        if last is not None:
+            gap = (now - last) / len(delta.token_ids)
+            for _ in delta.token_ids:
+                metrics.itl.observe(gap)
+        self._last_token_at[delta.index] = now
+        self.num_completion_tokens += len(delta.token_ids)
+        metrics.completion_tokens.inc(len(delta.token_ids))
+
+    def cancel(self) -> None:
+        """Cancel every open call (the workers abort and free) and tell the router we are done.
+
+        NOTE: once every choice finished, the calls are left to end on their own: a
+        cancel racing the stream's normal end would only make the workers log aborts.
+        """
+        if not self._done:
+            for call in self._calls:
+                if not call.done():
+                    call.cancel()
+            for task in self._pumps:
+                task.cancel()
+        for decision, prompt_ids in self._decisions:
+            try:
+                self.gateway.router.on_finished(decision, prompt_ids)
+            except Exception:  # noqa: BLE001 - bookkeeping must not fail the request
+                log.exception("router.on_finished failed")
+        self._decisions.clear()
+
+
+__all__ = ["Delta", "Gateway", "GatewayConfig", "Generation"]

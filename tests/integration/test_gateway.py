@@ -1,0 +1,390 @@
+"""The OpenAI gateway in front of a real prefill worker and decode worker.
+
+An embedded control-plane server, one prefill and one decode worker as processes
+(NIXL transfer) on the tiny model, and the app under uvicorn on a loopback port in a
+thread. Clients are the official ``openai`` package and raw httpx. Greedy output
+must equal the single-process engine token for token, on both the local-prefill
+and the remote-prefill path; a client that goes away must leave every KV block free
+on both workers.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import grpc
+import httpx
+import openai
+import pytest
+import uvicorn
+
+from pdserve.deploy.store.embedded import ControlPlaneServer
+from pdserve.engine import LLM, SamplingParams
+from pdserve.engine.tiny_model import make_tiny_model
+from pdserve.engine.tokenizer import Tokenizer
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+from pdserve.router.app import create_app
+from pdserve.router.gateway import GatewayConfig
+
+pytestmark = pytest.mark.integration
+
+NUM_BLOCKS = 64
+DISAGG_THRESHOLD = 32  # prompts of >= 32 uncached tokens prefill on the prefill worker
+KEY = "sk-gateway-test"
+SHORT = "The quick brown fox"
+LONG = ("Return a new list containing all items from the iterable in ascending order. A custom key function "
+        "can be supplied to customize the sort order, and the reverse flag can be set to request the result "
+        "in descending order.")
+
+
+class Worker:
+    """A worker process (same pattern as test_disagg_workers.py)."""
+
+    def __init__(self, role: str, model_dir, store_url: str, worker_id: str):
+        self.worker_id = worker_id
+        cmd = [sys.executable, "-m", f"pdserve.{role}_worker", "--model", str(model_dir), "--store", store_url,
+               "--worker-id", worker_id, "--num-kv-blocks", str(NUM_BLOCKS), "--transfer-backend", "nixl",
+               "--heartbeat-ttl", "2", "--prefill-timeout", "10", "--log-level", "WARNING"]
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
+        self.channel = None
+
+    def wait_ready(self, timeout=120) -> None:
+        lines: list[str] = []
+
+        def read():
+            for line in self.proc.stdout:
+                lines.append(line)
+                if line.startswith("READY"):
+                    return
+
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        t.join(timeout)
+        if not lines or not lines[-1].startswith("READY"):
+            self.proc.kill()
+            self.log.seek(0)
+            raise RuntimeError(f"{self.worker_id} did not start: {lines} {self.log.read()[-3000:]}")
+        self.channel = grpc.insecure_channel(lines[-1].split()[2])
+
+    def stats(self) -> pb.StatsResponse:
+        stub = pb_grpc.DecodeStub(self.channel) if self.worker_id.startswith("d") else pb_grpc.PrefillStub(self.channel)
+        return stub.Stats(pb.StatsRequest(), timeout=10)
+
+    def all_free(self) -> bool:
+        s = self.stats()
+        return s.num_kv_blocks_free == s.num_kv_blocks_total and s.num_running == 0 and s.num_waiting == 0
+
+    def stop(self):
+        if self.channel is not None:
+            self.channel.close()
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(20)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        self.log.close()
+
+
+class ServerThread:
+    """The app under uvicorn on a free loopback port, in a background thread."""
+
+    def __init__(self, app) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()
+
+
+class Cluster:
+    def __init__(self, model_dir, store, prefill: Worker, decode: Worker):
+        self.model_dir, self.store, self.p, self.d = model_dir, store, prefill, decode
+        self.model = model_dir.name
+        self.tokenizer = Tokenizer.from_dir(model_dir)
+        self._servers: list[ServerThread] = []
+        self.url = self.gateway()
+
+    def gateway(self, **overrides) -> str:
+        cfg = dict(store_url=self.store.url, model_dir=str(self.model_dir), disagg_threshold_tokens=DISAGG_THRESHOLD)
+        srv = ServerThread(create_app(GatewayConfig(**{**cfg, **overrides})))
+        self._servers.append(srv)
+        return srv.url
+
+    def client(self, url: str | None = None, api_key: str = "unused") -> openai.OpenAI:
+        return openai.OpenAI(base_url=(url or self.url) + "/v1", api_key=api_key, max_retries=0, timeout=60)
+
+    def wait_all_free(self, timeout=10.0) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.d.all_free() and self.p.all_free():
+                return True
+            time.sleep(0.1)
+        return False
+
+    def stop(self):
+        for srv in self._servers:
+            srv.stop()
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    model_dir = make_tiny_model(tmp_path_factory.mktemp("gateway") / "tiny-llama")
+    store = ControlPlaneServer()
+    store.start()
+    workers = [Worker("prefill", model_dir, store.url, "p0"), Worker("decode", model_dir, store.url, "d0")]
+    c = None
+    try:
+        for w in workers:
+            w.wait_ready()
+        c = Cluster(model_dir, store, *workers)
+        yield c
+    finally:
+        if c is not None:
+            c.stop()
+        for w in reversed(workers):
+            w.stop()
+        store.stop()
+
+
+@pytest.fixture(scope="module")
+def llm(cluster):
+    with LLM(cluster.model_dir, num_kv_blocks=NUM_BLOCKS) as engine:
+        yield engine
+
+
+def reference(llm, prompt_ids, **kw):
+    return llm.generate([prompt_ids], SamplingParams(**kw))[0]
+
+
+def metric(url: str, line_prefix: str) -> float:
+    text = httpx.get(url + "/metrics").text
+    return sum(float(ln.split()[-1]) for ln in text.splitlines() if ln.startswith(line_prefix))
+
+
+def test_completions_greedy_equals_engine_on_both_prefill_paths(cluster, llm):
+    client = cluster.client()
+    local0 = metric(cluster.url, 'pdserve_gateway_routing_decisions_total{prefill="local"}')
+    remote0 = metric(cluster.url, 'pdserve_gateway_routing_decisions_total{prefill="remote"}')
+    for prompt in (SHORT, LONG):
+        ids = cluster.tokenizer.encode(prompt)
+        ref = reference(llm, ids, temperature=0.0, max_tokens=12, ignore_eos=True)
+        out = client.completions.create(model=cluster.model, prompt=prompt, max_tokens=12, temperature=0,
+                                        logprobs=1, extra_body={"ignore_eos": True})
+        choice = out.choices[0]
+        assert choice.text == ref.text and choice.finish_reason == "length"
+        # Token for token: each position's token string is the reference token's.
+        assert choice.logprobs.tokens == [cluster.tokenizer.decode([t], skip_special_tokens=False)
+                                          for t in ref.token_ids]
+        assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 12
+    assert len(cluster.tokenizer.encode(SHORT)) < DISAGG_THRESHOLD <= len(cluster.tokenizer.encode(LONG))
+    assert metric(cluster.url, 'pdserve_gateway_routing_decisions_total{prefill="local"}') == local0 + 1
+    assert metric(cluster.url, 'pdserve_gateway_routing_decisions_total{prefill="remote"}') == remote0 + 1
+    assert cluster.wait_all_free()
+
+
+def test_token_id_prompts_and_several_prompts(cluster, llm):
+    ids = [cluster.tokenizer.encode(SHORT), cluster.tokenizer.encode(LONG)]
+    refs = [reference(llm, p, temperature=0.0, max_tokens=6, ignore_eos=True).text for p in ids]
+    out = cluster.client().completions.create(model=cluster.model, prompt=ids, max_tokens=6, temperature=0,
+                                              extra_body={"ignore_eos": True})
+    assert [c.text for c in sorted(out.choices, key=lambda c: c.index)] == refs
+    assert out.usage.prompt_tokens == len(ids[0]) + len(ids[1]) and out.usage.completion_tokens == 12
+
+
+def test_streaming_completion_equals_non_streaming(cluster, llm):
+    ref = reference(llm, cluster.tokenizer.encode(LONG), temperature=0.0, max_tokens=10, ignore_eos=True)
+    stream = cluster.client().completions.create(model=cluster.model, prompt=LONG, max_tokens=10, temperature=0,
+                                                 stream=True, stream_options={"include_usage": True},
+                                                 extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.text
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 10
+
+
+def test_chat_equals_engine_streaming_and_not(cluster, llm):
+    messages = [{"role": "system", "content": "You are terse."}, {"role": "user", "content": LONG}]
+    ids = cluster.tokenizer.encode_chat(messages)
+    ref = reference(llm, ids, temperature=0.0, max_tokens=10, ignore_eos=True)
+    client = cluster.client()
+    out = client.chat.completions.create(model=cluster.model, messages=messages, max_completion_tokens=10,
+                                         temperature=0, extra_body={"ignore_eos": True}, logprobs=True,
+                                         top_logprobs=2)
+    choice = out.choices[0]
+    assert choice.message.role == "assistant" and choice.message.content == ref.text
+    assert [e.token for e in choice.logprobs.content] == [
+        cluster.tokenizer.decode([t], skip_special_tokens=False) for t in ref.token_ids]
+    assert all(len(e.top_logprobs) == 2 for e in choice.logprobs.content)
+    assert out.usage.prompt_tokens == len(ids) and out.usage.completion_tokens == 10
+    stream = client.chat.completions.create(model=cluster.model, messages=messages, max_tokens=10, temperature=0,
+                                            stream=True, extra_body={"ignore_eos": True})
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == ref.text
+    assert chunks[-1].choices[0].finish_reason == "length"
+
+
+def test_n_choices_with_seed_are_reproducible(cluster, llm):
+    client = cluster.client()
+
+    def run():
+        out = client.completions.create(model=cluster.model, prompt=SHORT, n=3, max_tokens=8, temperature=1.0,
+                                        seed=1234, extra_body={"ignore_eos": True})
+        assert sorted(c.index for c in out.choices) == [0, 1, 2]
+        assert out.usage.completion_tokens == 24
+        return [c.text for c in sorted(out.choices, key=lambda c: c.index)]
+
+    first = run()
+    assert run() == first and len(set(first)) > 1
+    ref = llm.generate([cluster.tokenizer.encode(SHORT)],
+                       SamplingParams(n=3, temperature=1.0, seed=1234, max_tokens=8, ignore_eos=True))[0]
+    assert [o.text for o in ref.outputs] == first
+
+
+def test_stop_strings(cluster, llm):
+    ids = cluster.tokenizer.encode(SHORT)
+    full = reference(llm, ids, temperature=0.0, max_tokens=16, ignore_eos=True).text
+    stop = full[len(full) // 2: len(full) // 2 + 3]
+    ref = reference(llm, ids, temperature=0.0, max_tokens=16, ignore_eos=True, stop=[stop])
+    out = cluster.client().completions.create(model=cluster.model, prompt=SHORT, max_tokens=16, temperature=0,
+                                              stop=stop, extra_body={"ignore_eos": True})
+    assert out.choices[0].text == ref.text == full[:full.find(stop)]
+    assert out.choices[0].finish_reason == "stop"
+
+
+def test_bad_requests_get_their_status_and_the_server_keeps_serving(cluster):
+    client, url = cluster.client(), cluster.url
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="gpt-4", prompt="x")
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=cluster.model, prompt="x", temperature=5)
+    assert e.value.body["param"] == "temperature"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=cluster.model, prompt="x", max_tokens=5000)
+    assert e.value.body["code"] == "context_length_exceeded"
+    with pytest.raises(openai.BadRequestError):
+        client.chat.completions.create(model=cluster.model, messages=[])
+    for raw, status in ((b"{", 400), (b'{"model": 1}', 400), (json.dumps({"model": cluster.model, "prompt": ""}), 400),
+                        (json.dumps({"model": cluster.model, "prompt": "x" * (2 << 20)}), 413)):
+        r = httpx.post(url + "/v1/completions", content=raw, headers={"content-type": "application/json"})
+        assert r.status_code == status and set(r.json()["error"]) == {"message", "type", "param", "code"}
+    out = client.completions.create(model=cluster.model, prompt="still here", max_tokens=2)
+    assert out.usage.completion_tokens >= 1
+    assert cluster.wait_all_free()
+
+
+def test_client_disconnect_frees_blocks_on_both_workers(cluster):
+    cancelled0 = metric(cluster.url, 'pdserve_gateway_requests_total{endpoint="completions",outcome="cancelled"}')
+    remote0 = metric(cluster.url, 'pdserve_gateway_routing_decisions_total{prefill="remote"}')
+    # Fresh 64-token prompts: nothing cached, so both take the remote prefill path.
+    body = {"model": cluster.model, "prompt": list(range(1000, 1064)), "max_tokens": 900, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", cluster.url + "/v1/completions", json=body, timeout=30) as r:
+        assert r.status_code == 200
+        lines = r.iter_lines()  # NOTE: keep a reference; a collected iterator closes the connection
+        assert next(lines).startswith("data: {")  # tokens flow: prefill and transfer are done
+        assert cluster.d.stats().num_running == 1
+    assert cluster.wait_all_free(timeout=8)
+    body.update(stream=False, prompt=list(range(2000, 2064)))
+    done = threading.Event()
+
+    def send():
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(cluster.url + "/v1/completions", json=body, timeout=3)
+        done.set()
+
+    t = threading.Thread(target=send)
+    t.start()
+    deadline = time.monotonic() + 10
+    while cluster.d.stats().num_running == 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert cluster.d.stats().num_running == 1
+    t.join(10)
+    assert done.is_set() and cluster.wait_all_free(timeout=8)
+    cancelled = metric(cluster.url, 'pdserve_gateway_requests_total{endpoint="completions",outcome="cancelled"}')
+    assert cancelled == cancelled0 + 2
+    assert metric(cluster.url, 'pdserve_gateway_routing_decisions_total{prefill="remote"}') == remote0 + 2
+
+
+def test_failure_after_streaming_started_ends_with_an_error_event(cluster):
+    url = cluster.gateway(request_timeout_s=2.0)
+    body = {"model": cluster.model, "prompt": LONG, "max_tokens": 900, "ignore_eos": True, "stream": True}
+    r = httpx.post(url + "/v1/completions", json=body, timeout=30)
+    assert r.status_code == 200
+    events = r.text.split("\n\n")
+    assert events[-2:] == ["data: [DONE]", ""]
+    error = json.loads(events[-3].removeprefix("data: "))
+    assert error["error"]["code"] == "timeout"
+    assert sum(1 for e in events if '"text"' in e) >= 1  # tokens came before the failure
+    stream = cluster.client(url).completions.create(model=cluster.model, prompt=LONG, max_tokens=900, stream=True,
+                                                    extra_body={"ignore_eos": True})
+    with pytest.raises(openai.APIError):  # the openai client surfaces the error event
+        for _ in stream:
+            pass
+    assert cluster.wait_all_free()
+    out = cluster.client(url).completions.create(model=cluster.model, prompt=SHORT, max_tokens=2)
+    assert out.choices[0].finish_reason in ("stop", "length")
+
+
+def test_health_ready_models_metrics(cluster):
+    url = cluster.url
+    assert httpx.get(url + "/health").json() == {"status": "ok"}
+    r = httpx.get(url + "/ready")
+    assert r.status_code == 200 and r.json() == {"ready": True, "prefill": 1, "decode": 1}
+    models = cluster.client().models.list()
+    assert [m.id for m in models.data] == [cluster.model]
+    text = httpx.get(url + "/metrics").text
+    for name in ("pdserve_gateway_time_to_first_token_seconds_count",
+                 "pdserve_gateway_inter_token_latency_seconds_count",
+                 "pdserve_gateway_e2e_request_latency_seconds_count", "pdserve_gateway_prompt_tokens_total",
+                 "pdserve_gateway_completion_tokens_total"):
+        assert metric(url, name) > 0, name
+    assert metric(url, 'pdserve_gateway_requests_total{endpoint="completions",outcome="success"}') > 0
+    assert metric(url, 'pdserve_gateway_requests_total{endpoint="completions",outcome="invalid"}') > 0
+    assert "pdserve_gateway_routing_kv_hit_tokens_total" in text
+
+
+def test_api_key(cluster):
+    url = cluster.gateway(api_key=KEY)
+    with pytest.raises(openai.AuthenticationError):
+        cluster.client(url).completions.create(model=cluster.model, prompt="x", max_tokens=1)
+    with pytest.raises(openai.AuthenticationError):
+        cluster.client(url, api_key="wrong").models.list()
+    out = cluster.client(url, api_key=KEY).completions.create(model=cluster.model, prompt="x", max_tokens=1)
+    assert out.usage.completion_tokens == 1
+    assert httpx.get(url + "/health").status_code == 200
+
+
+def test_overload_answers_503_with_retry_after(cluster):
+    url = cluster.gateway(max_inflight=1)
+    body = {"model": cluster.model, "prompt": SHORT, "max_tokens": 900, "ignore_eos": True, "stream": True}
+    with httpx.stream("POST", url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: {")  # the one slot is taken
+        with pytest.raises(openai.APIStatusError) as e:
+            cluster.client(url).completions.create(model=cluster.model, prompt=SHORT, max_tokens=1)
+        assert e.value.status_code == 503 and e.value.response.headers["retry-after"] == "1"
+        assert e.value.body["code"] == "overloaded"
+    assert cluster.wait_all_free()
+    out = cluster.client(url).completions.create(model=cluster.model, prompt=SHORT, max_tokens=1)
+    assert out.usage.completion_tokens == 1
