@@ -65,6 +65,8 @@ def build_parser(role: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--transfer-backend", default="nixl", choices=["nixl", "torch_dist"])
     ap.add_argument("--heartbeat-ttl", type=float, default=10.0, help="seconds a registration lives without heartbeat")
     ap.add_argument("--prefill-timeout", type=float, default=60.0, help="seconds for a remote prefill hop")
+    ap.add_argument("--metrics-port", type=int, default=None,
+                    help="Prometheus /metrics port on --host (default: any free port; -1: disabled)")
     ap.add_argument("--log-level", default="INFO")
     return ap
 
@@ -132,25 +134,35 @@ async def serve(args: argparse.Namespace, role_name: str, stop: asyncio.Event | 
     transport.attach(aengine)
     peers = StorePeers(store)
     server = grpc.aio.server()
+    services = {}
     if role in (pb.PREFILL, pb.BOTH):
         from pdserve.prefill_worker.service import PrefillService
 
-        pb_grpc.add_PrefillServicer_to_server(PrefillService(aengine, worker_id, peers, transport), server)
+        services["prefill"] = PrefillService(aengine, worker_id, peers, transport)
+        pb_grpc.add_PrefillServicer_to_server(services["prefill"], server)
     if role in (pb.DECODE, pb.BOTH):
         from pdserve.decode_worker.service import DecodeService
 
-        pb_grpc.add_DecodeServicer_to_server(
-            DecodeService(aengine, worker_id, peers, transport, args.prefill_timeout), server
-        )
+        services["decode"] = DecodeService(aengine, worker_id, peers, transport, args.prefill_timeout)
+        pb_grpc.add_DecodeServicer_to_server(services["decode"], server)
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     port = server.add_insecure_port(f"{args.host}:{args.port}")
     await server.start()
     address = f"{args.host}:{port}"
     info = worker_info(args, role, worker_id, address, engine, transport.endpoint())
+    metrics = None
+    if getattr(args, "metrics_port", None) != -1:  # before registering: a taken port fails the start
+        from .worker_metrics import WorkerMetrics  # noqa: PLC0415
+
+        metrics = WorkerMetrics(worker_id, role_name, aengine, services)
+        await metrics.start(args.host, args.metrics_port or 0)
     await asyncio.to_thread(store.register, info, args.heartbeat_ttl)
     await _set_serving(health_servicer)
     print(f"READY {worker_id} {address}", flush=True)
+    if metrics is not None:
+        log.info("metrics at %s", metrics.url)
+        print(f"METRICS {worker_id} {metrics.url}", flush=True)
     stop = stop or _stop_on_signals()
     beat = asyncio.create_task(_heartbeat(store, info, args.heartbeat_ttl))
     events = asyncio.create_task(_publish_kv_events(store, aengine, worker_id))
@@ -159,6 +171,8 @@ async def serve(args: argparse.Namespace, role_name: str, stop: asyncio.Event | 
     finally:
         beat.cancel()
         events.cancel()
+        if metrics is not None:
+            metrics.close()
         await server.stop(grace=2.0)
         try:
             await asyncio.to_thread(store.deregister, worker_id)

@@ -35,7 +35,7 @@ class Worker:
         self.worker_id = worker_id
         cmd = [sys.executable, "-m", f"pdserve.{role}_worker", "--model", str(model_dir), "--store", store_url,
                "--worker-id", worker_id, "--num-kv-blocks", str(NUM_BLOCKS), "--transfer-backend", backend,
-               "--heartbeat-ttl", "2", "--prefill-timeout", "10", "--log-level", "WARNING", *extra]
+               "--heartbeat-ttl", "5", "--prefill-timeout", "10", "--log-level", "WARNING", *extra]
         # stderr to a file: an unread pipe could fill up and block the worker.
         self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)

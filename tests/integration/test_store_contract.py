@@ -246,15 +246,20 @@ def test_sole_worker_may_change_model_when_re_registering(store):
 
 
 def test_heartbeat_keeps_alive_and_expiry_emits_one_cleared(store):
-    store.register(make_worker("d0"), TTL)
+    # A 1 s lease renewed every 0.1 s: a scheduling stall on a loaded 2-core machine
+    # must not look like a missed heartbeat.
+    lease = 1.0
+    store.register(make_worker("d0"), lease)
     store.register(make_worker("d1"), LONG_TTL)
-    t_end = time.monotonic() + 2 * TTL
-    while time.monotonic() < t_end:  # alive well past one TTL thanks to heartbeats
-        assert store.heartbeat("d0", TTL) is True
-        time.sleep(TTL / 6)
+    t_end = time.monotonic() + 2 * lease
+    while time.monotonic() < t_end:  # alive well past one lease thanks to heartbeats
+        assert store.heartbeat("d0", lease) is True
+        time.sleep(0.1)
+    assert store.heartbeat("d0", LONG_TTL) is True  # still live after two leases
     assert store.get_worker("d0") is not None
     assert cleared_for(read_all(store), "d0") == 0
-    time.sleep(TTL * 1.5)  # stop heartbeating
+    assert store.heartbeat("d0", TTL) is True  # a short lease again, then no more heartbeats
+    time.sleep(TTL * 1.5)
     assert [w.worker_id for w in store.list_workers()] == ["d1"]
     assert store.get_worker("d0") is None
     assert store.heartbeat("d0", TTL) is False  # must re-register
