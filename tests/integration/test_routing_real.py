@@ -58,7 +58,7 @@ class Worker:
         self.role, self.worker_id = role, worker_id
         cmd = [sys.executable, "-m", f"pdserve.{role}_worker", "--model", str(model_dir), "--store", store_url,
                "--worker-id", worker_id, "--num-kv-blocks", str(num_blocks), "--transfer-backend", "nixl",
-               "--heartbeat-ttl", "2", "--prefill-timeout", "20", "--log-level", "WARNING"]
+               "--heartbeat-ttl", "5", "--prefill-timeout", "20", "--log-level", "WARNING"]
         self.log = tempfile.TemporaryFile(mode="w+")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
         self.channel = None
