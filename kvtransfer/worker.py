@@ -21,8 +21,6 @@ import json
 import time
 from typing import Any
 
-import numpy as np
-
 from pdserve.proto import pdserve_pb2 as pb
 
 from . import create_agent

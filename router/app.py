@@ -35,7 +35,8 @@ from starlette.requests import ClientDisconnect
 
 from pdserve.engine.sampling_params import SamplingParams
 
-from .gateway import Gateway, GatewayConfig, Generation
+from .gateway import Gateway, GatewayConfig
+from .generation import Generation
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .schemas import APIError, ChatCompletionRequest, CompletionRequest, ResponseBuilder, invalid, parse
 

@@ -24,24 +24,21 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
 
-from pdserve.engine.hashing import block_hashes
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import Tokenizer
-from pdserve.proto import convert
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 
 from .events import EventFollower
 from .metrics import GatewayMetrics
-from .policy import NoWorkersError, Router
+from .policy import Router
+from .generation import Generation
 from .schemas import APIError, invalid
 
 log = logging.getLogger("pdserve.gateway")
@@ -324,162 +321,4 @@ class Gateway:
         return gen
 
 
-@dataclass
-class Delta:
-    """One streamed delta of choice ``index`` (prompt i, completion j: ``i * n + j``)."""
-
-    index: int
-    token_ids: list[int]
-    text: str
-    logprobs: list[pb.TokenLogprobs]
-    finish_reason: str | None
-
-
-class Generation:
-    """The Generate calls of one API request, merged into one stream of :class:`Delta`.
-
-    ``next()`` returns deltas in arrival order and ``None`` once every choice finished;
-    a worker failure raises :class:`APIError` (and cancels the other calls). Call
-    ``cancel()`` (idempotent) in a ``finally``: it cancels whatever is still open.
-    """
-
-    def __init__(self, gateway: Gateway, params: SamplingParams, arrival: float) -> None:
-        self.gateway = gateway
-        self.params = params
-        self.arrival = arrival
-        self.request_id = uuid.uuid4().hex
-        self.num_prompt_tokens = 0
-        self.num_completion_tokens = 0
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._calls: list[grpc.aio.UnaryStreamCall] = []
-        self._pumps: list[asyncio.Task] = []
-        self._decisions: list[tuple[Any, list[int]]] = []
-        self._num_open = 0
-        self._last_token_at: dict[int, float] = {}
-        self._first_token_at: float | None = None
-        self._done = False
-
-    def open(self, i: int, prompt_ids: list[int]) -> None:
-        gw = self.gateway
-        hashes = block_hashes(prompt_ids, gw.config.block_size)
-        try:
-            decision = gw.router.route(prompt_ids, hashes)
-        except NoWorkersError as e:
-            raise APIError(503, f"no worker can serve this request now: {e}", type="server_error",
-                           code="no_workers", headers={"Retry-After": str(gw.config.retry_after_s)}) from None
-        worker = gw.workers.get(decision.decode_worker_id)
-        if worker is None:
-            raise APIError(503, "the chosen decode worker left the cluster; retry", type="server_error",
-                           code="no_workers", headers={"Retry-After": str(gw.config.retry_after_s)})
-        self._decisions.append((decision, prompt_ids))
-        gw.metrics.routing.labels("remote" if decision.prefill_worker_id else "local").inc()
-        gw.metrics.kv_hit_tokens.labels("decode").inc(decision.cached_tokens_decode or 0)
-        gw.metrics.kv_hit_tokens.labels("prefill").inc(decision.cached_tokens_prefill or 0)
-        gw.metrics.prompt_tokens.inc(len(prompt_ids))
-        self.num_prompt_tokens += len(prompt_ids)
-        remaining_s = max(gw.config.request_timeout_s - (time.monotonic() - self.arrival), 0.001)
-        request = pb.GenerateRequest(
-            request_id=self.request_id if i == 0 else f"{self.request_id}-{i}",
-            prompt_token_ids=prompt_ids, sampling_params=convert.sampling_message(self.params),
-            prefill_worker_id=decision.prefill_worker_id or "", timeout_ms=min(int(remaining_s * 1000) + 1, 2**32 - 1),
-        )
-        call = pb_grpc.DecodeStub(gw.channel(worker.address)).Generate(request, timeout=remaining_s)
-        self._calls.append(call)
-        self._num_open += self.params.n
-        self._pumps.append(asyncio.create_task(self._pump(i, call, worker.worker_id)))
-
-    async def _pump(self, i: int, call: grpc.aio.UnaryStreamCall, worker_id: str) -> None:
-        n = self.params.n
-        num_finished = 0
-        try:
-            async for msg in call:
-                if msg.finish_reason in (pb.ABORT, pb.ERROR):
-                    log.warning("request %s failed on %s: %s", msg.request_id, worker_id,
-                                msg.error.message or "aborted")
-                    self._queue.put_nowait(APIError(
-                        500, f"generation failed on the serving cluster (request {self.request_id})",
-                        type="server_error", code="generation_failed"))
-                    return
-                reason = convert.finish_reason_name(msg.finish_reason)
-                num_finished += reason is not None
-                self._queue.put_nowait(Delta(i * n + msg.index, list(msg.token_ids), msg.text, list(msg.logprobs),
-                                             reason))
-            if num_finished < n:
-                self._queue.put_nowait(APIError(500, f"worker {worker_id} ended the stream early",
-                                                type="server_error", code="generation_failed"))
-        except grpc.aio.AioRpcError as e:
-            self._queue.put_nowait(self._rpc_error(e, worker_id))
-        except Exception:  # noqa: BLE001 - never leave next() waiting
-            log.exception("request %s: reading the stream of %s failed", self.request_id, worker_id)
-            self._queue.put_nowait(APIError(500, f"internal error (request {self.request_id})",
-                                            type="server_error", code="internal_error"))
-
-    def _rpc_error(self, e: grpc.aio.AioRpcError, worker_id: str) -> APIError:
-        code = e.code()
-        retry = {"Retry-After": str(self.gateway.config.retry_after_s)}
-        if code == grpc.StatusCode.INVALID_ARGUMENT:
-            return invalid(e.details() or "invalid request")
-        log.warning("request %s: Generate on %s failed: %s %s", self.request_id, worker_id, code.name, e.details())
-        if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return APIError(504, f"the request did not finish within {self.gateway.config.request_timeout_s:g} s",
-                            type="server_error", code="timeout")
-        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED):
-            return APIError(503, f"the decode worker is unavailable (request {self.request_id}); retry",
-                            type="server_error", code="worker_unavailable", headers=retry)
-        return APIError(500, f"generation failed on the serving cluster (request {self.request_id})",
-                        type="server_error", code="generation_failed")
-
-    async def next(self) -> Delta | None:
-        while self._num_open:
-            item = await self._queue.get()
-            if isinstance(item, APIError):
-                self.cancel()
-                raise item
-            self._observe(item)
-            if item.finish_reason is not None:
-                self._num_open -= 1
-            return item
-        if not self._done:
-            self._done = True
-            self.gateway.metrics.e2e.observe(time.monotonic() - self.arrival)
-            self.cancel()
-        return None
-
-    def _observe(self, delta: Delta) -> None:
-        if not delta.token_ids:
-            return
-        now = time.monotonic()
-        metrics = self.gateway.metrics
-        if self._first_token_at is None:
-            self._first_token_at = now
-            metrics.ttft.observe(now - self.arrival)
-        last = self._last_token_at.get(delta.index)
-        if last is not None:
-            gap = (now - last) / len(delta.token_ids)
-            for _ in delta.token_ids:
-                metrics.itl.observe(gap)
-        self._last_token_at[delta.index] = now
-        self.num_completion_tokens += len(delta.token_ids)
-        metrics.completion_tokens.inc(len(delta.token_ids))
-
-    def cancel(self) -> None:
-        """Cancel every open call (the workers abort and free) and tell the router we are done.
-
-        NOTE: once every choice finished, the calls are left to end on their own: a
-        cancel racing the stream's normal end would only make the workers log aborts.
-        """
-        if not self._done:
-            for call in self._calls:
-                if not call.done():
-                    call.cancel()
-            for task in self._pumps:
-                task.cancel()
-        for decision, prompt_ids in self._decisions:
-            try:
-                self.gateway.router.on_finished(decision, prompt_ids)
-            except Exception:  # noqa: BLE001 - bookkeeping must not fail the request
-                log.exception("router.on_finished failed")
-        self._decisions.clear()
-
-
-__all__ = ["Delta", "Gateway", "GatewayConfig", "Generation"]
+__all__ = ["Gateway", "GatewayConfig", "Generation"]

@@ -42,7 +42,6 @@ Notes on transformers 5.x
 from __future__ import annotations
 
 import json
-import math
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
