@@ -14,30 +14,17 @@ from __future__ import annotations
 import argparse
 import random
 import statistics
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 
 import grpc
 
+from pdserve.deploy.processes import WorkerProcess
+
 
 def start_worker(role: str, model: str, store_url: str, worker_id: str, backend: str, extra=()) -> tuple:
-    cmd = [sys.executable, "-m", f"pdserve.{role}_worker", "--model", model, "--store", store_url, "--worker-id",
-           worker_id, "--transfer-backend", backend, "--log-level", "WARNING", *extra]
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-    address = None
-    for line in proc.stdout:
-        if line.startswith("READY"):
-            address = line.split()[2]
-            break
-    if address is None:
-        log.seek(0)
-        raise RuntimeError(f"{worker_id} failed: {log.read()[-2000:]}")
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    return proc, address
+    w = WorkerProcess(role, ["--model", model, "--store", store_url, "--worker-id", worker_id,
+                             "--transfer-backend", backend, "--log-level", "WARNING", *extra])
+    return w.proc, w.wait_ready()
 
 
 def ttft(stub, rid: str, prompt: list[int], prefill: str) -> float:

@@ -24,8 +24,9 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+
+from pdserve.deploy.processes import WorkerProcess
 
 GATEWAY = """
 import json, sys
@@ -38,20 +39,9 @@ serve(GatewayConfig(**cfg), host="127.0.0.1", port=port, log_level="warning")
 
 
 def start_worker(role: str, model: str, store_url: str, worker_id: str, extra=()) -> tuple:
-    cmd = [sys.executable, "-m", f"pdserve.{role}_worker", "--model", model, "--store", store_url, "--worker-id",
-           worker_id, "--log-level", "WARNING", *extra]
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-    address = None
-    for line in proc.stdout:
-        if line.startswith("READY"):
-            address = line.split()[2]
-            break
-    if address is None:
-        log.seek(0)
-        raise RuntimeError(f"{worker_id} failed: {log.read()[-2000:]}")
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    return proc, address
+    w = WorkerProcess(role, ["--model", model, "--store", store_url, "--worker-id", worker_id,
+                             "--log-level", "WARNING", *extra])
+    return w.proc, w.wait_ready()
 
 
 def free_port() -> int:

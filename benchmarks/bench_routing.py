@@ -27,44 +27,26 @@ import json
 import random
 import socket
 import statistics
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-
-def start_worker(role: str, model: str, store_url: str, worker_id: str, extra=()) -> tuple:
-    cmd = [sys.executable, "-m", f"pdserve.{role}_worker", "--model", model, "--store", store_url, "--worker-id",
-           worker_id, "--log-level", "WARNING", *extra]
-    log = tempfile.TemporaryFile(mode="w+")
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True)
-    return proc, log
+from pdserve.deploy.processes import WorkerProcess
 
 
-def wait_ready(proc, log, worker_id: str) -> str:
-    address = None
-    for line in proc.stdout:
-        if line.startswith("READY"):
-            address = line.split()[2]
-            break
-    if address is None:
-        log.seek(0)
-        raise RuntimeError(f"{worker_id} failed: {log.read()[-2000:]}")
-    threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
-    return address
+def start_worker(role: str, model: str, store_url: str, worker_id: str, extra=()):
+    """A started worker process (not yet waited for)."""
+    return WorkerProcess(role, ["--model", model, "--store", store_url, "--worker-id", worker_id,
+                                "--log-level", "WARNING", *extra])
 
 
-def stop(procs) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    for proc in procs:
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+def wait_ready(worker) -> str:
+    return worker.wait_ready()
+
+
+def stop(workers) -> None:
+    for w in workers:
+        w.stop(timeout_s=30)
 
 
 class ServerThread:
@@ -127,12 +109,11 @@ def run_policy(policy: str, args, model: str, store, workload: list[list[int]]) 
     common = ["--transfer-backend", args.backend, "--max-num-batched-tokens", str(args.max_num_batched_tokens)]
     specs = [("prefill", f"p{i}-{policy}", args.prefill_blocks) for i in range(2)]
     specs.append(("decode", f"d0-{policy}", args.decode_blocks))
-    started = [(start_worker(role, model, store.url, wid, [*common, "--num-kv-blocks", str(nb)]), wid)
-               for role, wid, nb in specs]
-    procs = [p for (p, _), _ in started]
+    procs = [start_worker(role, model, store.url, wid, [*common, "--num-kv-blocks", str(nb)])
+             for role, wid, nb in specs]
     server = None
     try:
-        addrs = [wait_ready(p, log, wid) for (p, log), wid in started]
+        addrs = [wait_ready(w) for w in procs]
         prefill_stubs = [pb_grpc.PrefillStub(grpc.insecure_channel(a)) for a in addrs[:2]]
         cfg = GatewayConfig(store_url=store.url, model_dir=model, router_policy=policy,
                             disagg_threshold_tokens=args.disagg_threshold, refresh_interval_s=0.2)

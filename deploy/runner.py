@@ -257,3 +257,5 @@ def main(role: str | None = None, argv: list[str] | None = None) -> int:
     return 0
 
 
+if __name__ == "__main__":
+    sys.exit(main())

@@ -8,9 +8,6 @@ and every block must be free on both workers afterwards (their Stats say so).
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 
@@ -18,6 +15,7 @@ import grpc
 import pytest
 
 import hf_reference as H
+from pdserve.deploy.processes import WorkerProcess
 from pdserve.deploy.store.embedded import ControlPlaneServer
 from pdserve.engine import LLM, SamplingParams
 from pdserve.proto import convert
@@ -30,53 +28,13 @@ BACKENDS = ["nixl", "torch_dist"]
 NUM_BLOCKS = 64
 
 
-class Worker:
-    def __init__(self, role: str, model_dir, store_url: str, worker_id: str, backend: str, extra=()):
-        self.worker_id = worker_id
-        cmd = [sys.executable, "-m", f"pdserve.{role}_worker", "--model", str(model_dir), "--store", store_url,
-               "--worker-id", worker_id, "--num-kv-blocks", str(NUM_BLOCKS), "--transfer-backend", backend,
-               "--heartbeat-ttl", "5", "--prefill-timeout", "10", "--log-level", "WARNING", *extra]
-        # stderr to a file: an unread pipe could fill up and block the worker.
-        self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.address = self._wait_ready()
-        self.channel = grpc.insecure_channel(self.address)
-
-    def _wait_ready(self, timeout=120) -> str:
-        lines: list[str] = []
-
-        def read():
-            for line in self.proc.stdout:
-                lines.append(line)
-                if line.startswith("READY"):
-                    return
-
-        t = threading.Thread(target=read, daemon=True)
-        t.start()
-        t.join(timeout)
-        if not lines or not lines[-1].startswith("READY"):
-            self.proc.kill()
-            self.log.seek(0)
-            raise RuntimeError(f"{self.worker_id} did not start: {lines} {self.log.read()[-3000:]}")
-        return lines[-1].split()[2]
-
-    def stats(self) -> pb.StatsResponse:
-        stub = pb_grpc.DecodeStub(self.channel) if self.worker_id.startswith("d") else pb_grpc.PrefillStub(self.channel)
-        return stub.Stats(pb.StatsRequest(), timeout=10)
-
-    def all_free(self) -> bool:
-        s = self.stats()
-        return s.num_kv_blocks_free == s.num_kv_blocks_total and s.num_running == 0
-
-    def stop(self):
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
+def Worker(role: str, model_dir, store_url: str, worker_id: str, backend: str, extra=()) -> WorkerProcess:
+    """A started worker process of this module's shape (see pdserve.deploy.processes)."""
+    w = WorkerProcess(role, ["--model", str(model_dir), "--store", store_url, "--worker-id", worker_id,
+                             "--num-kv-blocks", str(NUM_BLOCKS), "--transfer-backend", backend,
+                             "--heartbeat-ttl", "5", "--prefill-timeout", "10", "--log-level", "WARNING", *extra])
+    w.wait_ready()
+    return w
 
 
 @pytest.fixture(scope="module", params=BACKENDS)

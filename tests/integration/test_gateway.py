@@ -12,24 +12,19 @@ from __future__ import annotations
 
 import json
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 
-import grpc
 import httpx
 import openai
 import pytest
 import uvicorn
 
+from pdserve.deploy.processes import WorkerProcess
 from pdserve.deploy.store.embedded import ControlPlaneServer
 from pdserve.engine import LLM, SamplingParams
 from pdserve.engine.tiny_model import make_tiny_model
 from pdserve.engine.tokenizer import Tokenizer
-from pdserve.proto import pdserve_pb2 as pb
-from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.router.app import create_app
 from pdserve.router.gateway import GatewayConfig
 
@@ -44,54 +39,11 @@ LONG = ("Return a new list containing all items from the iterable in ascending o
         "in descending order.")
 
 
-class Worker:
-    """A worker process (same pattern as test_disagg_workers.py)."""
-
-    def __init__(self, role: str, model_dir, store_url: str, worker_id: str):
-        self.worker_id = worker_id
-        cmd = [sys.executable, "-m", f"pdserve.{role}_worker", "--model", str(model_dir), "--store", store_url,
-               "--worker-id", worker_id, "--num-kv-blocks", str(NUM_BLOCKS), "--transfer-backend", "nixl",
-               "--heartbeat-ttl", "2", "--prefill-timeout", "10", "--log-level", "WARNING"]
-        self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.channel = None
-
-    def wait_ready(self, timeout=120) -> None:
-        lines: list[str] = []
-
-        def read():
-            for line in self.proc.stdout:
-                lines.append(line)
-                if line.startswith("READY"):
-                    return
-
-        t = threading.Thread(target=read, daemon=True)
-        t.start()
-        t.join(timeout)
-        if not lines or not lines[-1].startswith("READY"):
-            self.proc.kill()
-            self.log.seek(0)
-            raise RuntimeError(f"{self.worker_id} did not start: {lines} {self.log.read()[-3000:]}")
-        self.channel = grpc.insecure_channel(lines[-1].split()[2])
-
-    def stats(self) -> pb.StatsResponse:
-        stub = pb_grpc.DecodeStub(self.channel) if self.worker_id.startswith("d") else pb_grpc.PrefillStub(self.channel)
-        return stub.Stats(pb.StatsRequest(), timeout=10)
-
-    def all_free(self) -> bool:
-        s = self.stats()
-        return s.num_kv_blocks_free == s.num_kv_blocks_total and s.num_running == 0 and s.num_waiting == 0
-
-    def stop(self):
-        if self.channel is not None:
-            self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
+def Worker(role: str, model_dir, store_url: str, worker_id: str) -> WorkerProcess:
+    """A worker process (not yet waited for: start several, then ``wait_ready`` each)."""
+    return WorkerProcess(role, ["--model", str(model_dir), "--store", store_url, "--worker-id", worker_id,
+                                "--num-kv-blocks", str(NUM_BLOCKS), "--transfer-backend", "nixl",
+                                "--heartbeat-ttl", "5", "--prefill-timeout", "10", "--log-level", "WARNING"])
 
 
 class ServerThread:

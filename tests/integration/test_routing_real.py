@@ -23,21 +23,16 @@ every worker and the tie is broken at random), which must not turn into eviction
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
-import tempfile
 import threading
 import time
 
-import grpc
 import httpx
 import pytest
 import uvicorn
 
+from pdserve.deploy.processes import WorkerProcess
 from pdserve.deploy.store.embedded import ControlPlaneServer
 from pdserve.engine.tiny_model import make_tiny_model
-from pdserve.proto import pdserve_pb2 as pb
-from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.router.app import create_app
 from pdserve.router.gateway import GatewayConfig
 
@@ -50,57 +45,13 @@ SUFFIX_LEN = 8  # distinct per request: the last block is never shared
 ROUNDS = 4  # requests per family
 PREFILL_BLOCKS = 56  # 3 families (48 blocks) + a request's own last block fit; a 4th family would not
 DECODE_BLOCKS = 256
-ROLE_STUB = {"prefill": pb_grpc.PrefillStub, "decode": pb_grpc.DecodeStub}
 
 
-class Worker:
-    def __init__(self, role: str, model_dir, store_url: str, worker_id: str, num_blocks: int):
-        self.role, self.worker_id = role, worker_id
-        cmd = [sys.executable, "-m", f"pdserve.{role}_worker", "--model", str(model_dir), "--store", store_url,
-               "--worker-id", worker_id, "--num-kv-blocks", str(num_blocks), "--transfer-backend", "nixl",
-               "--heartbeat-ttl", "5", "--prefill-timeout", "20", "--log-level", "WARNING"]
-        self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.channel = None
-
-    def wait_ready(self, timeout=120) -> None:
-        lines: list[str] = []
-
-        def read():
-            for line in self.proc.stdout:
-                lines.append(line)
-                if line.startswith("READY"):
-                    break
-            for _ in self.proc.stdout:  # keep draining so the worker never blocks on a full pipe
-                pass
-
-        threading.Thread(target=read, daemon=True).start()
-        deadline = time.monotonic() + timeout
-        while not (lines and lines[-1].startswith("READY")):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.proc.kill()
-                self.log.seek(0)
-                raise RuntimeError(f"{self.worker_id} did not start: {lines} {self.log.read()[-3000:]}")
-            time.sleep(0.05)
-        self.channel = grpc.insecure_channel(lines[-1].split()[2])
-
-    def stats(self) -> pb.StatsResponse:
-        return ROLE_STUB[self.role](self.channel).Stats(pb.StatsRequest(), timeout=10)
-
-    def all_free(self) -> bool:
-        s = self.stats()
-        return s.num_kv_blocks_free == s.num_kv_blocks_total and s.num_running == 0 and s.num_waiting == 0
-
-    def stop(self) -> None:
-        if self.channel is not None:
-            self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()  # SIGTERM: the worker deregisters from the store
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
+def Worker(role: str, model_dir, store_url: str, worker_id: str, num_blocks: int) -> WorkerProcess:
+    """A worker process (not yet waited for: start several, then ``wait_ready`` each)."""
+    return WorkerProcess(role, ["--model", str(model_dir), "--store", store_url, "--worker-id", worker_id,
+                                "--num-kv-blocks", str(num_blocks), "--transfer-backend", "nixl",
+                                "--heartbeat-ttl", "5", "--prefill-timeout", "20", "--log-level", "WARNING"])
 
 
 class ServerThread:

@@ -11,19 +11,15 @@ nothing is left running or holding blocks. ``--metrics-port -1`` serves nothing.
 from __future__ import annotations
 
 import socket
-import subprocess
-import sys
-import tempfile
-import threading
 import time
 import urllib.error
 import urllib.request
 
-import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import hf_reference as H
+from pdserve.deploy.processes import WorkerProcess
 from pdserve.deploy.store.embedded import ControlPlaneServer
 from pdserve.engine import SamplingParams
 from pdserve.proto import convert
@@ -35,57 +31,14 @@ pytestmark = pytest.mark.integration
 NUM_BLOCKS = 64
 
 
-class Worker:
-    """A worker process; reads its stdout until READY (and METRICS, when served)."""
-
-    def __init__(self, role: str, model_dir, store_url: str, worker_id: str, extra=(), expect_metrics=True):
-        self.worker_id = worker_id
-        cmd = [sys.executable, "-m", f"pdserve.{role}_worker", "--model", str(model_dir), "--store", store_url,
-               "--worker-id", worker_id, "--num-kv-blocks", str(NUM_BLOCKS), "--transfer-backend", "torch_dist",
-               "--heartbeat-ttl", "2", "--prefill-timeout", "10", "--log-level", "WARNING", *extra]
-        self.log = tempfile.TemporaryFile(mode="w+")  # a file: an unread pipe could block the worker
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True)
-        self.lines: list[str] = []
-        self.address, self.metrics_url = self._wait_ready(expect_metrics)
-        self.channel = grpc.insecure_channel(self.address)
-
-    def _wait_ready(self, expect_metrics: bool, timeout=120) -> tuple[str, str | None]:
-        want = "METRICS" if expect_metrics else "READY"
-
-        def read():
-            for line in self.proc.stdout:
-                self.lines.append(line)
-                if line.startswith(want):
-                    return
-
-        t = threading.Thread(target=read, daemon=True)
-        t.start()
-        t.join(timeout)
-        ready = [ln.split() for ln in self.lines if ln.startswith("READY")]
-        metrics = [ln.split() for ln in self.lines if ln.startswith("METRICS")]
-        if not ready or (expect_metrics and not metrics):
-            self.proc.kill()
-            self.log.seek(0)
-            raise RuntimeError(f"{self.worker_id} did not start: {self.lines} {self.log.read()[-3000:]}")
-        assert ready[0][1] == self.worker_id and len(ready[0]) == 3  # READY <worker_id> <host:port>, unchanged
-        if metrics:
-            assert metrics[0][1] == self.worker_id and len(metrics[0]) == 3
-            return ready[0][2], metrics[0][2]
-        return ready[0][2], None
-
-    def rest_of_stdout(self) -> str:
-        """What the worker printed after the lines read so far (call once it has exited)."""
-        return self.proc.stdout.read()
-
-    def stop(self):
-        self.channel.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        self.log.close()
+def Worker(role: str, model_dir, store_url: str, worker_id: str, extra=(), expect_metrics=True) -> WorkerProcess:
+    """A started worker; waits for READY (and METRICS, when served). READY's format is unchanged."""
+    w = WorkerProcess(role, ["--model", str(model_dir), "--store", store_url, "--worker-id", worker_id,
+                             "--num-kv-blocks", str(NUM_BLOCKS), "--transfer-backend", "torch_dist",
+                             "--heartbeat-ttl", "5", "--prefill-timeout", "10", "--log-level", "WARNING", *extra])
+    w.wait_ready(metrics=expect_metrics)
+    assert w.worker_id == worker_id
+    return w
 
 
 def scrape(url: str) -> dict[tuple[str, frozenset], float]:
@@ -202,7 +155,7 @@ def test_metrics_port_minus_one_disables_metrics(cluster, hf_model_dir):
         assert w.metrics_url is None
         w.proc.terminate()
         w.proc.wait(20)
-        assert "METRICS" not in "".join(w.lines) + w.rest_of_stdout()
+        assert "METRICS" not in w.output()
     finally:
         w.stop()
 

@@ -1,0 +1,104 @@
+"""Workers as plain child processes, without Ray: for machines without Ray (a GPU box),
+benchmarks and tests.
+
+    w = WorkerProcess("decode", ["--model", DIR, "--store", URL, "--worker-id", "d0"])
+    w.wait_ready()            # the worker printed READY: registered and serving
+    w.stats(); w.all_free()   # its Stats over gRPC
+    w.stop()                  # SIGTERM: it deregisters and exits
+
+Start several, then wait for all, to start them in parallel. stdout is drained by a
+thread into ``lines`` and stderr goes to a file, so a chatty worker can never block
+on a full pipe.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import grpc
+
+from pdserve.proto import pdserve_pb2 as pb
+from pdserve.proto import pdserve_pb2_grpc as pb_grpc
+
+_STUBS = {"prefill": pb_grpc.PrefillStub, "decode": pb_grpc.DecodeStub, "both": pb_grpc.DecodeStub}
+
+
+class WorkerProcess:
+    def __init__(self, role: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+        if role not in _STUBS:
+            raise ValueError(f"unknown worker role {role!r}; choose from {sorted(_STUBS)}")
+        self.role = role
+        self.lines: list[str] = []
+        self.address: str | None = None
+        self.metrics_url: str | None = None
+        self.worker_id: str | None = None
+        self._channel: grpc.Channel | None = None
+        self.log = tempfile.TemporaryFile(mode="w+")
+        cmd = [sys.executable, "-m", "pdserve.deploy.runner", "--role", role, *argv]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, env=env)
+        self._reader = threading.Thread(target=self._drain, daemon=True)
+        self._reader.start()
+
+    def _drain(self) -> None:
+        for line in self.proc.stdout:
+            self.lines.append(line)
+
+    def wait_ready(self, timeout_s: float = 120.0, metrics: bool = False) -> str:
+        """Wait for ``READY <id> <address>`` (and ``METRICS`` too when asked); returns the address."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            ready = [ln.split() for ln in list(self.lines) if ln.startswith("READY")]
+            served = [ln.split() for ln in list(self.lines) if ln.startswith("METRICS")]
+            if ready and (served or not metrics):
+                _, self.worker_id, self.address = ready[0]
+                self.metrics_url = served[0][2] if served else None
+                return self.address
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.proc.kill()
+                raise RuntimeError(f"{self.role} worker did not start: {''.join(self.lines)}\n{self.log_tail()}")
+            time.sleep(0.02)
+
+    def output(self, timeout_s: float = 5.0) -> str:
+        """Everything the worker printed on stdout (complete once it has exited)."""
+        if self.proc.poll() is not None:
+            self._reader.join(timeout_s)
+        return "".join(self.lines)
+
+    def log_tail(self, num_chars: int = 3000) -> str:
+        self.log.flush()
+        self.log.seek(0)
+        return self.log.read()[-num_chars:]
+
+    @property
+    def channel(self) -> grpc.Channel:
+        if self._channel is None:
+            if self.address is None:
+                raise RuntimeError("wait_ready() first")
+            self._channel = grpc.insecure_channel(self.address)
+        return self._channel
+
+    def stats(self, timeout_s: float = 10.0) -> pb.StatsResponse:
+        return _STUBS[self.role](self.channel).Stats(pb.StatsRequest(), timeout=timeout_s)
+
+    def all_free(self) -> bool:
+        """Every KV block back in the pool and nothing running or waiting."""
+        s = self.stats()
+        return s.num_kv_blocks_free == s.num_kv_blocks_total and s.num_running == 0 and s.num_waiting == 0
+
+    def stop(self, timeout_s: float = 20.0) -> None:
+        """SIGTERM (the worker deregisters), SIGKILL if it does not exit in time."""
+        if self._channel is not None:
+            self._channel.close()
+            self._channel = None
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
