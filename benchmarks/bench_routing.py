@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import socket
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -47,28 +45,6 @@ def wait_ready(worker) -> str:
 def stop(workers) -> None:
     for w in workers:
         w.stop(timeout_s=30)
-
-
-class ServerThread:
-    def __init__(self, app) -> None:
-        import uvicorn
-
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the gateway did not start")
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
 
 
 def pct(xs: list[float], q: float) -> float:
@@ -103,7 +79,7 @@ def run_policy(policy: str, args, model: str, store, workload: list[list[int]]) 
 
     from pdserve.proto import pdserve_pb2 as pb
     from pdserve.proto import pdserve_pb2_grpc as pb_grpc
-    from pdserve.router.app import create_app
+    from pdserve.router.app import ServerThread, create_app
     from pdserve.router.gateway import GatewayConfig
 
     common = ["--transfer-backend", args.backend, "--max-num-batched-tokens", str(args.max_num_batched_tokens)]

@@ -358,3 +358,31 @@ def serve(config: GatewayConfig, host: str = "127.0.0.1", port: int = 8000, log_
         log.warning("the gateway listens on %s without an API key: anyone who can reach it can use it "
                     "(set --api-key)", host)
     uvicorn.run(create_app(config), host=host, port=port, log_level=log_level)
+
+
+class ServerThread:
+    """The app under uvicorn on a free loopback port, in a background thread (for
+    embedding the gateway in a process that does other work: tests, benchmarks)."""
+
+    def __init__(self, app: FastAPI, host: str = "127.0.0.1", start_timeout_s: float = 30.0) -> None:
+        import socket
+        import threading
+
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind((host, 0))
+        self.url = f"http://{host}:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+        self.thread.start()
+        deadline = time.monotonic() + start_timeout_s
+        while not self.server.started:
+            if not self.thread.is_alive() or time.monotonic() > deadline:
+                raise RuntimeError("the gateway did not start")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(10)
+        self.sock.close()

@@ -11,21 +11,19 @@ on both workers.
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
 import httpx
 import openai
 import pytest
-import uvicorn
 
 from pdserve.deploy.processes import WorkerProcess
 from pdserve.deploy.store.embedded import ControlPlaneServer
 from pdserve.engine import LLM, SamplingParams
 from pdserve.engine.tiny_model import make_tiny_model
 from pdserve.engine.tokenizer import Tokenizer
-from pdserve.router.app import create_app
+from pdserve.router.app import ServerThread, create_app
 from pdserve.router.gateway import GatewayConfig
 
 pytestmark = pytest.mark.integration
@@ -44,28 +42,6 @@ def Worker(role: str, model_dir, store_url: str, worker_id: str) -> WorkerProces
     return WorkerProcess(role, ["--model", str(model_dir), "--store", store_url, "--worker-id", worker_id,
                                 "--num-kv-blocks", str(NUM_BLOCKS), "--transfer-backend", "nixl",
                                 "--heartbeat-ttl", "5", "--prefill-timeout", "10", "--log-level", "WARNING"])
-
-
-class ServerThread:
-    """The app under uvicorn on a free loopback port, in a background thread."""
-
-    def __init__(self, app) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the gateway did not start")
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
 
 
 class Cluster:

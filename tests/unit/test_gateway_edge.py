@@ -9,7 +9,6 @@ workers are exercised in tests/integration/test_gateway.py.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -28,7 +27,7 @@ from pdserve.engine.tokenizer import Tokenizer as EngineTokenizer
 from pdserve.proto import PROTOCOL_VERSION
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
-from pdserve.router.app import create_app
+from pdserve.router.app import ServerThread, create_app
 from pdserve.router.gateway import GatewayConfig
 
 SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]
@@ -116,28 +115,6 @@ def worker_info(worker_id: str, role: int, address: str) -> pb.WorkerInfo:
     return pb.WorkerInfo(worker_id=worker_id, role=role, address=address, protocol_version=PROTOCOL_VERSION,
                          model=pb.ModelIdentity(name="fake", architecture="fake", vocab_size=261),
                          kv_layout=pb.KVLayout(layout="x", block_size=16, tp_size=1), num_kv_blocks=64)
-
-
-class ServerThread:
-    """The app under uvicorn on a free loopback port, in a background thread."""
-
-    def __init__(self, app) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if not self.thread.is_alive() or time.monotonic() > deadline:
-                raise RuntimeError("the gateway did not start")
-            time.sleep(0.01)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
-        self.sock.close()
 
 
 @pytest.fixture(scope="module")
