@@ -155,8 +155,14 @@ class DecodeService(pb_grpc.DecodeServicer):
         except asyncio.CancelledError:
             self.receiver.cancel(transfer_id)
             raise
+        except _HopError as e:
+            self._prefill_here(cid, transfer_id, str(e))
+            return
         except grpc.aio.AioRpcError as e:
-            self._fail_hop(group, transfer_id, f"{e.code().name}: {e.details()}")
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                self._prefill_here(cid, transfer_id, f"{e.code().name}: {e.details()}")
+            else:
+                self._fail_hop(group, transfer_id, f"{e.code().name}: {e.details()}")
             return
         except Exception as e:  # noqa: BLE001 - any failure of the hop fails this request only
             self._fail_hop(group, transfer_id, str(e))
@@ -169,6 +175,19 @@ class DecodeService(pb_grpc.DecodeServicer):
         lp = convert.logprobs_dict(resp.first_logprobs) if resp.HasField("first_logprobs") else None
         self.aengine.complete_remote_prefill(cid, resp.first_token_id, lp)
 
+
+    def _prefill_here(self, cid: str, transfer_id: str, why: str) -> None:
+        """The prefill worker never took the hop (draining, gone, unreachable): compute
+        the prompt on this worker instead of failing the request.
+
+        NOTE: UNAVAILABLE is also what a prefill worker that died mid-transfer yields;
+        it writes nothing more once dead, and the request keeps its blocks (see
+        ``Scheduler.prefill_locally``), so recomputing over a partial write is safe.
+        """
+        log.info("remote prefill of %s not taken (%s); prefilling locally", cid, why)
+        self.receiver.cancel(transfer_id)
+        self.transfers.local_prefill_fallbacks += 1
+        self.aengine.prefill_locally(cid)
 
     def _fail_hop(self, group: str, transfer_id: str, why: str) -> None:
         self.receiver.cancel(transfer_id)

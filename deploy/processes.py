@@ -4,7 +4,8 @@ benchmarks and tests.
     w = WorkerProcess("decode", ["--model", DIR, "--store", URL, "--worker-id", "d0"])
     w.wait_ready()            # the worker printed READY: registered and serving
     w.stats(); w.all_free()   # its Stats over gRPC
-    w.stop()                  # SIGTERM: it deregisters and exits
+    w.stop()                  # SIGTERM twice: it deregisters and exits now
+    w.stop(drain=True)        # one SIGTERM: it drains first (finishes its requests)
 
 Start several, then wait for all, to start them in parallel. stdout is drained by a
 thread into ``lines`` and stderr goes to a file, so a chatty worker can never block
@@ -89,13 +90,18 @@ class WorkerProcess:
         s = self.stats()
         return s.num_kv_blocks_free == s.num_kv_blocks_total and s.num_running == 0 and s.num_waiting == 0
 
-    def stop(self, timeout_s: float = 20.0) -> None:
-        """SIGTERM (the worker deregisters), SIGKILL if it does not exit in time."""
+    def stop(self, timeout_s: float = 20.0, drain: bool = False) -> None:
+        """Stop now (two SIGTERMs), or with ``drain`` one SIGTERM: the worker finishes
+        what it runs first (``deploy/drain.py``). It deregisters either way; SIGKILL if it
+        does not exit in ``timeout_s``."""
         if self._channel is not None:
             self._channel.close()
             self._channel = None
         if self.proc.poll() is None:
             self.proc.terminate()
+            if not drain:
+                time.sleep(0.05)
+                self.proc.terminate()
             try:
                 self.proc.wait(timeout_s)
             except subprocess.TimeoutExpired:

@@ -6,7 +6,9 @@
 Steps: build the engine and its KV transfer agent, start the gRPC server (with
 grpc.health.v1), register the worker in the control-plane store (refused with a
 clear error when incompatible), heartbeat within the TTL (re-registering if the
-entry expired), and on SIGTERM/SIGINT stop serving, deregister and exit. Prints
+entry expired), and on SIGTERM/SIGINT drain (``deploy/drain.py``: marked draining,
+finishes what it runs, refuses new work only once idle; a second signal stops at
+once), stop serving, deregister and exit. Prints
 ``READY <worker_id> <host:port>`` once registered. Ray actors run the same
 ``serve`` coroutine (deploy launches them); nothing here needs Ray.
 """
@@ -38,6 +40,7 @@ from pdserve.proto import PROTOCOL_VERSION
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 
+from .drain import Activity, DrainPolicy, Shutdown, drain
 from .store import ControlPlaneStore, open_store
 
 log = logging.getLogger("pdserve.worker")
@@ -65,6 +68,10 @@ def build_parser(role: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--transfer-backend", default="nixl", choices=["nixl", "torch_dist"])
     ap.add_argument("--heartbeat-ttl", type=float, default=10.0, help="seconds a registration lives without heartbeat")
     ap.add_argument("--prefill-timeout", type=float, default=60.0, help="seconds for a remote prefill hop")
+    ap.add_argument("--drain-grace", type=float, default=DrainPolicy.grace_s,
+                    help="seconds a draining worker keeps accepting new calls (> the gateways' refresh interval)")
+    ap.add_argument("--drain-timeout", type=float, default=DrainPolicy.timeout_s,
+                    help="seconds a draining worker waits for its in-flight requests before stopping anyway")
     ap.add_argument("--metrics-port", type=int, default=None,
                     help="Prometheus /metrics port on --host (default: any free port; -1: disabled)")
     ap.add_argument("--log-level", default="INFO")
@@ -116,12 +123,14 @@ class StorePeers:
         return await asyncio.to_thread(self.store.get_worker, worker_id)
 
 
-async def serve(args: argparse.Namespace, role_name: str, stop: asyncio.Event | None = None) -> None:
+async def serve(args: argparse.Namespace, role_name: str, shutdown: Shutdown | None = None) -> None:
+    """Serve until ``shutdown`` is requested (default: on SIGTERM/SIGINT)."""
     from pdserve.kvtransfer import worker as kvworker  # noqa: PLC0415 - transfer backends load on demand
 
     os.environ.setdefault("NIXL_LOG_LEVEL", "WARN")  # NIXL logs every agent creation at INFO
     role = ROLES[role_name]
     worker_id = args.worker_id or f"{role_name}-{uuid.uuid4().hex[:8]}"
+    policy = DrainPolicy(args.drain_grace, args.drain_timeout)
     store = open_store(args.store)
     config = dataclasses.replace(
         engine_config(args),
@@ -133,7 +142,8 @@ async def serve(args: argparse.Namespace, role_name: str, stop: asyncio.Event | 
     aengine = AsyncEngine(engine, asyncio.get_running_loop())
     transport.attach(aengine)
     peers = StorePeers(store)
-    server = grpc.aio.server()
+    activity = Activity()
+    server = grpc.aio.server(interceptors=[activity])
     services = {}
     if role in (pb.PREFILL, pb.BOTH):
         from pdserve.prefill_worker.service import PrefillService
@@ -163,11 +173,25 @@ async def serve(args: argparse.Namespace, role_name: str, stop: asyncio.Event | 
     if metrics is not None:
         log.info("metrics at %s", metrics.url)
         print(f"METRICS {worker_id} {metrics.url}", flush=True)
-    stop = stop or _stop_on_signals()
+    shutdown = shutdown or _shutdown_on_signals()
     beat = asyncio.create_task(_heartbeat(store, info, args.heartbeat_ttl))
     events = asyncio.create_task(_publish_kv_events(store, aengine, worker_id))
+
+    async def mark_draining() -> None:
+        info.draining = True  # the heartbeat's re-registrations keep the mark
+        await _set_serving(health_servicer, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await asyncio.to_thread(store.register, info, args.heartbeat_ttl)
+
     try:
-        await stop.wait()
+        await shutdown.requested.wait()
+        if not shutdown.now.is_set():
+            log.info("draining (grace %.1f s, timeout %.0f s)", policy.grace_s, policy.timeout_s)
+            draining = asyncio.create_task(drain(activity, policy, mark_draining))
+            stop_now = asyncio.create_task(shutdown.now.wait())
+            await asyncio.wait([draining, stop_now], return_when=asyncio.FIRST_COMPLETED)
+            draining.cancel()
+            stop_now.cancel()
+        activity.close()
     finally:
         beat.cancel()
         events.cancel()
@@ -183,18 +207,19 @@ async def serve(args: argparse.Namespace, role_name: str, stop: asyncio.Event | 
         store.close()
 
 
-async def _set_serving(servicer) -> None:
-    result = servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+async def _set_serving(servicer, status=health_pb2.HealthCheckResponse.SERVING) -> None:
+    result = servicer.set("", status)
     if asyncio.iscoroutine(result):
         await result
 
 
-def _stop_on_signals() -> asyncio.Event:
-    stop = asyncio.Event()
+def _shutdown_on_signals() -> Shutdown:
+    """The first SIGTERM/SIGINT drains; a second one stops at once."""
+    shutdown = Shutdown()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    return stop
+        loop.add_signal_handler(sig, shutdown.request)
+    return shutdown
 
 
 async def _heartbeat(store: ControlPlaneStore, info: pb.WorkerInfo, ttl_s: float) -> None:

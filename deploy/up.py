@@ -7,6 +7,10 @@
    Ray actors on a local Ray, or on ``--ray-address``.
 4. The OpenAI-compatible gateway on ``--host:--port`` (127.0.0.1:8000) until Ctrl-C
    or SIGTERM; then every worker stops, Ray shuts down and the store closes.
+5. Meanwhile a :class:`~pdserve.deploy.scaler.PoolScaler` keeps the pools at the
+   store's pool targets, which ``pdserve scale`` changes (live scaling), and replaces
+   workers that die. How to reach this deployment (store and gateway URL) is recorded
+   in ``$PDSERVE_HOME/up.json`` for ``pdserve scale``.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -39,6 +44,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes per worker rank")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
     p.add_argument("--transfer-backend", default=None, choices=["nixl", "torch_dist"])
+    p.add_argument("--local-cpus", type=int, default=None,
+                   help="logical CPUs of the local Ray instance `up` starts (default: room for 4x the spec's "
+                        "workers, so `pdserve scale` can grow the pools on one machine)")
+    p.add_argument("--drain-timeout", type=float, default=600.0,
+                   help="seconds a worker removed by `pdserve scale` may take to finish its requests")
 
 
 def spec_from_args(args: argparse.Namespace, model: str) -> ClusterSpec:
@@ -63,6 +73,9 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.router.app import GatewayConfig, serve
 
     from .ray_launcher import RayLauncher
+    from .scale import clear_state, write_state
+    from .scaler import PoolScaler
+    from .store import open_store
     from .store.embedded import ControlPlaneServer
 
     if args.model:
@@ -74,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
 
         model = str(ensure_tiny_model(default_model_dir()))
     spec = spec_from_args(args, model)
+    if not any(a.split("=", 1)[0] == "--drain-timeout" for a in spec.extra_args):
+        spec = dataclasses.replace(spec, extra_args=spec.extra_args + ("--drain-timeout", f"{args.drain_timeout:g}"))
     server = None
     if args.redis_url:
         store_url = args.redis_url
@@ -81,10 +96,14 @@ def run(args: argparse.Namespace) -> int:
         server = ControlPlaneServer()
         server.start()
         store_url = server.url
-    launcher = None
+    launcher = scaler = store = None
     try:
         print(f"pdserve: starting {spec.num_workers()} workers for {spec.model} ...", flush=True)
-        launcher = RayLauncher(spec, store_url, args.ray_address)
+        local_cpus = None
+        if not args.ray_address:
+            needed = int(-(-spec.total_resources().get("CPU", 0) // 1))
+            local_cpus = args.local_cpus or max(os.cpu_count() or 1, 4 * needed)
+        launcher = RayLauncher(spec, store_url, args.ray_address, num_cpus=local_cpus)
         for w in launcher.launch():
             print(f"pdserve:   {w.role:<8} {w.worker_id:<12} {w.address}", flush=True)
         url = f"http://{args.host}:{args.port}"
@@ -93,11 +112,21 @@ def run(args: argparse.Namespace) -> int:
         print(f"pdserve: serving {name} at {url}/v1  (Ctrl-C stops everything)", flush=True)
         print(f"pdserve: try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
               f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
+        store = open_store(store_url)
+        scaler = PoolScaler(launcher, store, spec, drain_timeout_s=args.drain_timeout)
+        scaler.publish_spec_targets()
+        scaler.start()
+        write_state(store_url, url)
         config = GatewayConfig(store_url=store_url, model_dir=spec.model, served_model_name=name,
                                api_key=args.api_key, router_policy=args.router_policy)
         serve(config, host=args.host, port=args.port)
     finally:
         print("pdserve: stopping ...", flush=True)
+        clear_state()
+        if scaler is not None:
+            scaler.stop()
+        if store is not None:
+            store.close()
         if launcher is not None:
             launcher.shutdown()
         if server is not None:

@@ -105,6 +105,13 @@ class WorkerCollector(Collector):
                 fams["failures"].add_metric(lv, t.transfer_failures)
                 fams["latency"].add_metric(lv, t.transfer_latency_ms_sum / 1000.0)
             yield from fams.values()
+            if "decode" in self.transfers:
+                fallbacks = CounterMetricFamily(
+                    f"{PREFIX}_local_prefill_fallbacks",
+                    "Remote prefills this decode worker computed itself (the prefill worker refused the hop "
+                    "or had left).", labels=labels)
+                fallbacks.add_metric(values, self.transfers["decode"].transfers.local_prefill_fallbacks)
+                yield fallbacks
 
 
 class WorkerMetrics:

@@ -134,6 +134,15 @@ class AsyncEngine:
 
         self._commands.put(command)
 
+    def prefill_locally(self, request_id: str) -> None:
+        def command() -> None:
+            try:
+                self.engine.prefill_locally(request_id)
+            except ValueError:
+                pass  # aborted meanwhile
+
+        self._commands.put(command)
+
     def shutdown(self) -> None:
         self._stop.set()
         self._thread.join(timeout=10)

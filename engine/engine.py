@@ -182,6 +182,11 @@ class LLMEngine:
             torch.empty(self.config.model.vocab_size).exponential_(generator=req.generator)
         return self._append(req, first_token_id, logprobs)
 
+    def prefill_locally(self, request_id: str) -> None:
+        """Compute a remote-prefill request's prompt here after all (its prefill worker
+        refused or left). Raises ValueError if it is not waiting for KV."""
+        self.scheduler.prefill_locally(request_id)
+
     def abort_request(self, request_id: str, *, error: str | None = None) -> list[CompletionDelta]:
         """End a request (all its completions) at any point; its blocks are freed now.
 

@@ -181,6 +181,22 @@ class Scheduler:
             self._fork_siblings(req)
         return req
 
+    def prefill_locally(self, request_id: str) -> Request:
+        """The remote prefill will not happen (the prefill worker refused or left): the
+        request goes back to the head of the queue and this worker computes its prompt.
+
+        NOTE: it keeps its blocks. Were they freed, a late write from the prefill worker
+        could land in blocks another request owns by then; kept, such a write can only
+        carry this same prompt's KV.
+        """
+        req = self.awaiting_kv.pop(request_id, None)
+        if req is None:
+            raise ValueError(f"request {request_id!r} is not waiting for KV")
+        req.remote_prefill = False
+        req.status = RequestStatus.WAITING
+        self.waiting.appendleft(req)
+        return req
+
     def _release_waiting_blocks(self, keep: Request | None) -> bool:
         """Free the blocks that forked siblings hold while they wait (last first).
 

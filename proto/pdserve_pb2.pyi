@@ -121,7 +121,7 @@ class TransferEndpoint(_message.Message):
     def __init__(self, backend: _Optional[_Union[TransferBackend, str]] = ..., ranks: _Optional[_Iterable[_Union[RankAgent, _Mapping]]] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "protocol_version", "model", "kv_layout", "transfer", "num_kv_blocks", "node_id", "started_at_ms")
+    __slots__ = ("worker_id", "role", "address", "protocol_version", "model", "kv_layout", "transfer", "num_kv_blocks", "node_id", "started_at_ms", "draining")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -132,6 +132,7 @@ class WorkerInfo(_message.Message):
     NUM_KV_BLOCKS_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: Role
     address: str
@@ -142,7 +143,8 @@ class WorkerInfo(_message.Message):
     num_kv_blocks: int
     node_id: str
     started_at_ms: int
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., protocol_version: _Optional[int] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., kv_layout: _Optional[_Union[KVLayout, _Mapping]] = ..., transfer: _Optional[_Union[TransferEndpoint, _Mapping]] = ..., num_kv_blocks: _Optional[int] = ..., node_id: _Optional[str] = ..., started_at_ms: _Optional[int] = ...) -> None: ...
+    draining: bool
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., protocol_version: _Optional[int] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., kv_layout: _Optional[_Union[KVLayout, _Mapping]] = ..., transfer: _Optional[_Union[TransferEndpoint, _Mapping]] = ..., num_kv_blocks: _Optional[int] = ..., node_id: _Optional[str] = ..., started_at_ms: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
 
 class KVDestination(_message.Message):
     __slots__ = ("worker_id", "transfer_id", "first_block_index", "block_ids")
@@ -273,7 +275,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("worker_id", "num_waiting", "num_running", "num_kv_blocks_total", "num_kv_blocks_free", "num_queued_prefill_tokens", "prefix_cache_hit_tokens", "prefix_cache_query_tokens", "transfer_bytes", "transfer_count", "transfer_failures", "transfer_latency_ms_sum")
+    __slots__ = ("worker_id", "num_waiting", "num_running", "num_kv_blocks_total", "num_kv_blocks_free", "num_queued_prefill_tokens", "prefix_cache_hit_tokens", "prefix_cache_query_tokens", "transfer_bytes", "transfer_count", "transfer_failures", "transfer_latency_ms_sum", "local_prefill_fallbacks")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -286,6 +288,7 @@ class StatsResponse(_message.Message):
     TRANSFER_COUNT_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_FAILURES_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_LATENCY_MS_SUM_FIELD_NUMBER: _ClassVar[int]
+    LOCAL_PREFILL_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     num_waiting: int
     num_running: int
@@ -298,7 +301,8 @@ class StatsResponse(_message.Message):
     transfer_count: int
     transfer_failures: int
     transfer_latency_ms_sum: float
-    def __init__(self, worker_id: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_kv_blocks_total: _Optional[int] = ..., num_kv_blocks_free: _Optional[int] = ..., num_queued_prefill_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transfer_count: _Optional[int] = ..., transfer_failures: _Optional[int] = ..., transfer_latency_ms_sum: _Optional[float] = ...) -> None: ...
+    local_prefill_fallbacks: int
+    def __init__(self, worker_id: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_kv_blocks_total: _Optional[int] = ..., num_kv_blocks_free: _Optional[int] = ..., num_queued_prefill_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transfer_count: _Optional[int] = ..., transfer_failures: _Optional[int] = ..., transfer_latency_ms_sum: _Optional[float] = ..., local_prefill_fallbacks: _Optional[int] = ...) -> None: ...
 
 class BlocksStored(_message.Message):
     __slots__ = ("block_hashes", "parent_block_hash", "token_ids", "block_size")

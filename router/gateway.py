@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,12 @@ class GatewayConfig:
     """Generation requests served at once; beyond: 503 with Retry-After."""
     retry_after_s: int = 1
     refresh_interval_s: float = 0.5
+    #: Times a prompt is routed again when its decode worker refuses it before sending
+    #: anything (UNAVAILABLE: draining, restarting, gone).
+    max_retries: int = 2
+    #: Seconds a worker that answered UNAVAILABLE gets no new requests (unless it
+    #: re-registers as a new incarnation sooner).
+    unavailable_backoff_s: float = 5.0
     stats_interval_s: float = 1.0
     """How often workers' Stats feed the router's load view (0: never)."""
 
@@ -93,7 +100,8 @@ class GatewayConfig:
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
-        for name in ("disagg_threshold_tokens", "max_logprobs", "retry_after_s", "stats_interval_s"):
+        for name in ("disagg_threshold_tokens", "max_logprobs", "retry_after_s", "stats_interval_s", "max_retries",
+                     "unavailable_backoff_s"):
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
@@ -126,6 +134,8 @@ class Gateway:
         self._follower = None
         self._token_text: dict[int, str] = {}
         self._refresh_failing = False
+        #: worker_id -> (started_at_ms, monotonic time until which it gets no new requests)
+        self._unavailable: dict[str, tuple[int, float]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
 
@@ -171,17 +181,38 @@ class Gateway:
             self._refresh_failing = True
             return
         self._refresh_failing = False
-        self.router.update_workers(workers)
+        # Draining workers keep their channels (their streams run on) but get no new requests.
         self.workers = {w.worker_id: w for w in workers}
+        self._update_router()
         for w in workers:
             if w.kv_layout.block_size and w.kv_layout.block_size != self.config.block_size:
                 log.warning("worker %s uses block_size %d, the gateway %d: prefix routing will miss",
                             w.worker_id, w.kv_layout.block_size, self.config.block_size)
-        self.metrics.workers.labels("prefill").set(sum(w.role in PREFILL_ROLES for w in workers))
-        self.metrics.workers.labels("decode").set(sum(w.role in DECODE_ROLES for w in workers))
+        routable = [w for w in workers if not w.draining]
+        self.metrics.workers.labels("prefill").set(sum(w.role in PREFILL_ROLES for w in routable))
+        self.metrics.workers.labels("decode").set(sum(w.role in DECODE_ROLES for w in routable))
         addresses = {w.address for w in workers}
         for address in [a for a in self._channels if a not in addresses]:
             await self._channels.pop(address).close()
+
+    def _update_router(self) -> None:
+        now = time.monotonic()
+        for wid, (started_at_ms, until) in list(self._unavailable.items()):
+            w = self.workers.get(wid)
+            if now >= until or w is None or w.started_at_ms != started_at_ms:
+                del self._unavailable[wid]
+        live = [w for w in self.workers.values() if not w.draining]
+        routable = [w for w in live if w.worker_id not in self._unavailable]
+        if not any(w.role in DECODE_ROLES for w in routable):
+            routable = live  # a suspect worker beats none: its call fails or it recovered
+        self.router.update_workers(routable)
+
+    def mark_unavailable(self, worker_id: str) -> None:
+        """A worker refused a call (UNAVAILABLE): route around it for a while."""
+        w = self.workers.get(worker_id)
+        if w is not None:
+            self._unavailable[worker_id] = (w.started_at_ms, time.monotonic() + self.config.unavailable_backoff_s)
+            self._update_router()
 
     async def _refresh_loop(self) -> None:
         while True:
@@ -209,9 +240,11 @@ class Gateway:
             workers = await asyncio.wait_for(asyncio.to_thread(self._store.list_workers), timeout=5.0)
         except Exception as e:  # noqa: BLE001 - not ready is the answer
             return {"ready": False, "prefill": 0, "decode": 0, "reason": f"control-plane store: {e}"}
+        workers = [w for w in workers if not w.draining]
         num_prefill = sum(w.role in PREFILL_ROLES for w in workers)
         num_decode = sum(w.role in DECODE_ROLES for w in workers)
-        return {"ready": num_prefill >= 1 and num_decode >= 1, "prefill": num_prefill, "decode": num_decode}
+        # Decode workers alone serve (they prefill locally); prefill workers alone cannot.
+        return {"ready": num_decode >= 1, "prefill": num_prefill, "decode": num_decode}
 
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)

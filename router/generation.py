@@ -65,8 +65,17 @@ class Generation:
         self._last_token_at: dict[int, float] = {}
         self._first_token_at: float | None = None
         self._done = False
+        self._closed = False
 
     def open(self, i: int, prompt_ids: list[int]) -> None:
+        """Route prompt ``i`` and open its Generate call (503 when no worker can take it)."""
+        gw = self.gateway
+        gw.metrics.prompt_tokens.inc(len(prompt_ids))
+        self.num_prompt_tokens += len(prompt_ids)
+        self._num_open += self.params.n
+        self._call(i, prompt_ids, attempt=0)
+
+    def _call(self, i: int, prompt_ids: list[int], attempt: int) -> None:
         gw = self.gateway
         hashes = block_hashes(prompt_ids, gw.config.block_size)
         try:
@@ -76,14 +85,13 @@ class Generation:
                            code="no_workers", headers={"Retry-After": str(gw.config.retry_after_s)}) from None
         worker = gw.workers.get(decision.decode_worker_id)
         if worker is None:
+            gw.router.on_finished(decision, prompt_ids)
             raise APIError(503, "the chosen decode worker left the cluster; retry", type="server_error",
                            code="no_workers", headers={"Retry-After": str(gw.config.retry_after_s)})
         self._decisions.append((decision, prompt_ids))
         gw.metrics.routing.labels("remote" if decision.prefill_worker_id else "local").inc()
         gw.metrics.kv_hit_tokens.labels("decode").inc(decision.cached_tokens_decode or 0)
         gw.metrics.kv_hit_tokens.labels("prefill").inc(decision.cached_tokens_prefill or 0)
-        gw.metrics.prompt_tokens.inc(len(prompt_ids))
-        self.num_prompt_tokens += len(prompt_ids)
         remaining_s = max(gw.config.request_timeout_s - (time.monotonic() - self.arrival), 0.001)
         request = pb.GenerateRequest(
             request_id=self.request_id if i == 0 else f"{self.request_id}-{i}",
@@ -92,14 +100,16 @@ class Generation:
         )
         call = pb_grpc.DecodeStub(gw.channel(worker.address)).Generate(request, timeout=remaining_s)
         self._calls.append(call)
-        self._num_open += self.params.n
-        self._pumps.append(asyncio.create_task(self._pump(i, call, worker.worker_id)))
+        self._pumps.append(asyncio.create_task(self._pump(i, prompt_ids, call, worker.worker_id, decision, attempt)))
 
-    async def _pump(self, i: int, call: grpc.aio.UnaryStreamCall, worker_id: str) -> None:
+    async def _pump(self, i: int, prompt_ids: list[int], call: grpc.aio.UnaryStreamCall, worker_id: str,
+                    decision: Any, attempt: int) -> None:
         n = self.params.n
         num_finished = 0
+        num_received = 0
         try:
             async for msg in call:
+                num_received += 1
                 if msg.finish_reason in (pb.ABORT, pb.ERROR):
                     log.warning("request %s failed on %s: %s", msg.request_id, worker_id,
                                 msg.error.message or "aborted")
@@ -115,11 +125,34 @@ class Generation:
                 self._queue.put_nowait(APIError(500, f"worker {worker_id} ended the stream early",
                                                 type="server_error", code="generation_failed"))
         except grpc.aio.AioRpcError as e:
-            self._queue.put_nowait(self._rpc_error(e, worker_id))
+            if (e.code() == grpc.StatusCode.UNAVAILABLE and num_received == 0
+                    and attempt < self.gateway.config.max_retries):
+                self._retry(i, prompt_ids, worker_id, decision, attempt, e)
+            else:
+                self._queue.put_nowait(self._rpc_error(e, worker_id))
         except Exception:  # noqa: BLE001 - never leave next() waiting
             log.exception("request %s: reading the stream of %s failed", self.request_id, worker_id)
             self._queue.put_nowait(APIError(500, f"internal error (request {self.request_id})",
                                             type="server_error", code="internal_error"))
+
+    def _retry(self, i: int, prompt_ids: list[int], worker_id: str, decision: Any, attempt: int,
+               e: grpc.aio.AioRpcError) -> None:
+        """The decode worker refused before sending anything (draining, gone): it did no
+        work the client saw, so the prompt goes to another worker."""
+        log.info("request %s: %s unavailable (%s); routing again", self.request_id, worker_id, e.details())
+        self.gateway.mark_unavailable(worker_id)
+        self.gateway.metrics.retries.inc()
+        if self._closed:
+            return
+        for k, (d, _) in enumerate(self._decisions):
+            if d is decision:
+                del self._decisions[k]
+                self.gateway.router.on_finished(decision, prompt_ids)
+                break
+        try:
+            self._call(i, prompt_ids, attempt + 1)
+        except APIError as err:
+            self._queue.put_nowait(err)
 
     def _rpc_error(self, e: grpc.aio.AioRpcError, worker_id: str) -> APIError:
         code = e.code()
@@ -175,6 +208,7 @@ class Generation:
         NOTE: once every choice finished, the calls are left to end on their own: a
         cancel racing the stream's normal end would only make the workers log aborts.
         """
+        self._closed = True
         if not self._done:
             for call in self._calls:
                 if not call.done():

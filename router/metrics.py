@@ -47,7 +47,11 @@ class GatewayMetrics:
         self.kv_hit_tokens = Counter(f"{PREFIX}_routing_kv_hit_tokens",
                                      "Prompt tokens the chosen worker's prefix cache was expected to hold",
                                      ["worker_role"], registry=r)
-        self.workers = Gauge(f"{PREFIX}_workers", "Registered workers by role", ["role"], registry=r)
+        self.workers = Gauge(f"{PREFIX}_workers", "Registered workers by role that take new requests (not draining)",
+                             ["role"], registry=r)
+        self.retries = Counter(f"{PREFIX}_generate_retries",
+                               "Prompts routed again because a decode worker refused them unstarted (UNAVAILABLE)",
+                               registry=r)
         for outcome in ("success", "invalid", "unauthorized", "overloaded", "no_workers", "timeout", "cancelled",
                         "error"):
             for endpoint in ("completions", "chat_completions"):

@@ -93,10 +93,14 @@ def test_local_prefill_on_decode_worker(cluster):
     assert d.all_free()
 
 
-def test_unknown_prefill_worker_fails_the_request_explicitly(cluster):
+def test_unregistered_prefill_worker_means_local_prefill(cluster):
+    """A hop to a prefill worker that left never started: the decode worker prefills."""
     _, _, p, d, _ = cluster
-    tokens, final = generate(d, "nope", [1, 2, 3], SamplingParams(max_tokens=4), prefill="p-missing")
-    assert tokens == [] and final.finish_reason == pb.ERROR and "not registered" in final.error.message
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    before = d.stats().local_prefill_fallbacks
+    tokens, final = generate(d, "nope", [1, 2, 3], params, prefill="p-missing")
+    assert final.finish_reason == pb.LENGTH and tokens == generate(d, "here", [1, 2, 3], params, prefill="")[0]
+    assert d.stats().local_prefill_fallbacks == before + 1
     assert d.all_free()
 
 
@@ -305,16 +309,20 @@ def test_prefill_worker_sigkilled_mid_prefill(cluster):
     victim = Worker("prefill", model_dir, server.url, "p-dies", backend, extra=["--max-num-batched-tokens", "8"])
     try:
         results = {}
-        t = threading.Thread(target=lambda: results.update(out=generate(d, "dies", list(range(3, 300)),
-                                                                         SamplingParams(max_tokens=4), prefill="p-dies")))
+        params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+        t = threading.Thread(target=lambda: results.update(out=generate(d, "dies", list(range(3, 300)), params,
+                                                                         prefill="p-dies")))
         start = time.monotonic()
         t.start()
         while victim.stats().num_running == 0 and time.monotonic() < start + 20:
             time.sleep(0.02)
         victim.proc.kill()
         t.join(30)
+        # The hop died with its prefill worker (UNAVAILABLE): the decode worker prefilled
+        # the prompt itself and the request completed, with the same tokens.
         tokens, final = results["out"]
-        assert final.finish_reason == pb.ERROR and time.monotonic() - start < 30
+        assert final.finish_reason == pb.LENGTH and time.monotonic() - start < 30
+        assert tokens == generate(d, "local", list(range(3, 300)), params, prefill="")[0]
         assert d.all_free()
         tokens, final = generate(d, "after-death", [1, 2, 3], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
         assert len(tokens) == 3
