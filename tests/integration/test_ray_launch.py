@@ -18,6 +18,7 @@ ray = pytest.importorskip("ray")
 import hf_reference as H  # noqa: E402
 from pdserve.deploy.cluster import ClusterSpec, PoolSpec  # noqa: E402
 from pdserve.deploy.ray_launcher import RayLauncher, WorkerStartError  # noqa: E402
+from pdserve.deploy.scaler import PoolScaler  # noqa: E402
 from pdserve.deploy.store.embedded import ControlPlaneServer  # noqa: E402
 from pdserve.engine import LLM, SamplingParams  # noqa: E402
 from pdserve.proto import convert  # noqa: E402
@@ -150,6 +151,31 @@ def test_replacement_worker_then_graceful_stop(cluster):
     assert _actor_state(h.actor) == "DEAD" and launcher.alive() == {"decode-0": True}
     assert ray.util.placement_group_table(h.placement_group)["state"] == "REMOVED"
     _wait_gone(pid)
+
+
+def test_pool_scaler_follows_targets_and_replaces_dead_workers(cluster):
+    """The reconcile loop of `pdserve up` (deploy/scaler.py), one round at a time."""
+    spec, server, launcher, _, _ = cluster
+    scaler = PoolScaler(launcher, server.store, spec)
+    scaler.publish_spec_targets()  # 1 prefill, 1 decode; prefill-0 was stopped above
+    scaler.reconcile()
+    assert sorted(launcher.workers) == ["decode-0", "prefill-1"]  # a fresh index, never a reused id
+    # decode-0 crashes (its actor dies; the launcher did not do it): released and replaced.
+    ray.kill(launcher.workers["decode-0"].actor, no_restart=True)
+    deadline = time.monotonic() + 30
+    while launcher.alive()["decode-0"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    scaler.reconcile()
+    assert sorted(launcher.workers) == ["decode-1", "prefill-1"]
+    assert server.store.get_worker("decode-1") is not None
+    # Fewer prefill workers: the extra one drains and leaves.
+    server.store.set_pool_targets(pb.PoolTargets(num_prefill=0, num_decode=1))
+    scaler.reconcile()
+    assert scaler.members(scaler.pools["prefill"]) == []
+    scaler.stop(wait_drains=True)
+    assert sorted(launcher.workers) == ["decode-1"]
+    assert [w.worker_id for w in server.store.list_workers()] == ["decode-1"]
 
 
 def test_shutdown_deregisters_and_leaves_no_actors(cluster, monkeypatch):
