@@ -3,6 +3,9 @@
     pdserve up [--model DIR] [--prefill N] [--decode M] [--port 8000] ...
     pdserve make-tiny-model DIR
     pdserve generate [--model DIR] --prompt TEXT [--max-tokens N] ...
+    pdserve loadtest --url URL [--workload ...] [--rate R | --concurrency C] ...
+    pdserve plan profile|recommend ...
+    pdserve scale --prefill N --decode M
 
 Without --model, commands use the embedded default: the tiny random-weight Llama
 that `make-tiny-model` writes, created on first use under $PDSERVE_HOME
@@ -93,6 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("up", help="run the whole cluster: workers (Ray), control plane, OpenAI gateway")
     add_arguments(p)
     p.set_defaults(func=cmd_up)
+
+    from pdserve.loadtest import cli as loadtest_cli
+    from pdserve.loadtest import plan_cli
+
+    from . import scale
+
+    p = sub.add_parser("loadtest", help="load-test any OpenAI-compatible endpoint (TTFT, TPOT, goodput)")
+    loadtest_cli.add_arguments(p)
+    p.set_defaults(func=loadtest_cli.run)
+
+    p = sub.add_parser("plan", help="profile a deployment and recommend prefill:decode pool sizes")
+    plan_cli.add_arguments(p)
+    p.set_defaults(func=plan_cli.run)
+
+    p = sub.add_parser("scale", help="change the pool sizes of a running `pdserve up`")
+    scale.add_arguments(p)
+    p.set_defaults(func=scale.run)
     return parser
 
 

@@ -26,6 +26,22 @@ probe task per bundle), starts the actor with Ray's ``CUDA_VISIBLE_DEVICES`` ove
 off, and sets ``CUDA_VISIBLE_DEVICES`` to the group's GPUs in rank order before the
 engine spawns its ranks. (That path has not been run on GPUs yet.)
 
+Spreading. Each group gets a *soft* target node from
+:class:`~pdserve.deploy.placement.SpreadPlanner`: the node, among those that fit the
+whole group now, hosting the fewest workers of the same pool (then the fewest of any),
+so a pool spreads across nodes while each TP group stays on one.
+:meth:`RayLauncher.placement` reports where every rank landed.
+
+Multi-node. On a cluster the launcher joined (``ray_address``, or a Ray already
+initialized in the process) each worker binds its gRPC server, metrics endpoint and
+torch_dist KV store to its node's IP (``--host``, ``PDSERVE_KV_HOST``) and registers
+that address, so the gateway and the other workers reach it from any node; a spec
+whose ``extra_args`` set ``--host`` keeps its own. A Ray the launcher started itself
+is one machine: workers stay on loopback. A store URL on loopback is refused (a clear
+``ValueError``) when the cluster has nodes on other IPs, since their workers could
+never register. Leaving, the launcher removes only what it created (its actors and
+placement groups) and disconnects; a cluster it joined keeps running.
+
 Liveness. The store is the source of truth for routing: a worker heartbeats its
 registration every TTL/3 and a dead one expires after its TTL (the store removes
 expired entries on read). :meth:`RayLauncher.alive` answers from Ray's actor table;
@@ -47,12 +63,14 @@ import time
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable
+from urllib.parse import urlsplit
 
 import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from .cluster import ClusterSpec, PoolSpec
+from .placement import NodeView, SpreadPlanner, group_resources, live_nodes, plain_resources
 
 log = logging.getLogger("pdserve.deploy.ray")
 
@@ -79,6 +97,8 @@ class WorkerHandle:
     #: Ray node id and OS pid of the actor process (TP rank 0).
     node_id: str = ""
     pid: int = 0
+    #: Ray node id of every bundle (TP rank) of the worker's placement group, in rank order.
+    bundle_node_ids: tuple[str, ...] = ()
 
 
 @ray.remote(max_concurrency=4, max_restarts=0)
@@ -97,8 +117,9 @@ class WorkerActor:
         self.worker_id: str | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._stop: asyncio.Event | None = None
+        self._shutdown = None  # deploy.drain.Shutdown, made on the worker's loop
         self._stop_requested = False
+        self._drain_requested = False
         self._error: BaseException | None = None
         self._registered = False
         self._lock = threading.Lock()
@@ -146,15 +167,16 @@ class WorkerActor:
             store.close()
 
     def _run(self, args) -> None:
+        from pdserve.deploy.drain import Shutdown  # noqa: PLC0415
         from pdserve.deploy.runner import serve  # noqa: PLC0415
 
         async def main() -> None:
             with self._lock:
                 self._loop = asyncio.get_running_loop()
-                self._stop = asyncio.Event()
+                self._shutdown = Shutdown()
                 if self._stop_requested:
-                    self._stop.set()
-            await serve(args, self.role, self._stop)
+                    self._shutdown.request(drain=self._drain_requested)
+            await serve(args, self.role, self._shutdown)
 
         try:
             asyncio.run(main())
@@ -167,18 +189,24 @@ class WorkerActor:
             log.error("worker %s stopped serving unexpectedly; exiting the actor", args.worker_id)
             os._exit(1)
 
-    def _request_stop(self) -> None:
+    def _request_stop(self, drain: bool = False) -> None:
         with self._lock:
             self._stop_requested = True
-            if self._loop is not None and self._stop is not None:
+            self._drain_requested = drain
+            if self._loop is not None and self._shutdown is not None:
                 try:
-                    self._loop.call_soon_threadsafe(self._stop.set)
+                    self._loop.call_soon_threadsafe(self._shutdown.request, drain)
                 except RuntimeError:  # loop already closed: serve is over
                     pass
 
-    def stop(self, timeout_s: float = 30.0) -> bool:
-        """Stop serving, deregister, shut the engine down; True once ``serve`` returned."""
-        self._request_stop()
+    def stop(self, timeout_s: float = 30.0, drain: bool = False) -> bool:
+        """Stop serving, deregister, shut the engine down; True once ``serve`` returned.
+
+        With ``drain`` the worker first drains (``deploy/drain.py``): it is marked
+        draining, finishes its in-flight requests, and only then stops; ``timeout_s``
+        should then exceed the worker's ``--drain-timeout``.
+        """
+        self._request_stop(drain)
         if self._thread is not None:
             self._thread.join(timeout_s)
             return not self._thread.is_alive()
@@ -236,6 +264,8 @@ class RayLauncher:
     ``num_cpus = max(cores, CPUs the spec needs)`` (logical CPUs, so a TP=2 spec still
     fits a 2-core box), no dashboard and a small object store. If Ray is already
     initialized in this process the launcher uses it and leaves it running on shutdown.
+    With ``ray_address`` the launcher's :meth:`shutdown` only disconnects this process
+    from the cluster (after removing its own actors and placement groups).
     """
 
     def __init__(
@@ -266,6 +296,8 @@ class RayLauncher:
         self._tag = uuid.uuid4().hex[:6]
         self._owns_ray = False
         self._closed = False
+        #: Workers bind to their node's IP unless this launcher started a local Ray.
+        self._bind_node_ip = True
         if ray.is_initialized():
             if runtime_env or ray_address or num_cpus is not None:
                 log.warning("Ray is already initialized in this process: ignoring ray_address/runtime_env/num_cpus")
@@ -273,13 +305,22 @@ class RayLauncher:
         kw: dict[str, Any] = {"log_to_driver": log_to_driver, "namespace": namespace, "runtime_env": runtime_env,
                               "configure_logging": False}
         if ray_address:
-            ray.init(address=ray_address, **kw)
+            try:
+                ray.init(address=ray_address, **kw)
+            except ConnectionError as e:
+                # NOTE: Ray 2.60 turns token authentication on for `ray start --head` when
+                # ~/.ray/auth_token exists; a driver without the token only sees this.
+                raise ConnectionError(
+                    f"{e} (if the cluster uses token authentication, set RAY_AUTH_MODE=token and give "
+                    f"this machine the cluster's token: RAY_AUTH_TOKEN or ~/.ray/auth_token)"
+                ) from e
         else:
             cpus = num_cpus if num_cpus is not None else max(
                 os.cpu_count() or 1, int(-(-spec.total_resources().get("CPU", 0) // 1))
             )
             _start_local_ray(num_cpus=cpus, include_dashboard=False,
                              object_store_memory=LOCAL_OBJECT_STORE_BYTES, **kw)
+            self._bind_node_ip = False
         self._owns_ray = True
 
     # ------------------------------------------------------------------ launching
@@ -301,15 +342,30 @@ class RayLauncher:
         for p, i in targets:
             if p.worker_id(i) in self.workers:
                 raise ValueError(f"worker {p.worker_id(i)} is already running")
+        try:
+            nodes = live_nodes()
+        except Exception as e:  # noqa: BLE001 - e.g. Ray Client: place without spreading
+            log.warning("cannot list the cluster's nodes (%s); placing workers without spreading them", e)
+            nodes = []
+        if self._bind_node_ip:
+            self._check_store_reachable(nodes)
+        planner = SpreadPlanner(nodes, [(h.pool, h.node_id) for h in self.workers.values()])
         started: list[tuple[PoolSpec, int, PlacementGroup, Any]] = []
         pgs: list[tuple[PoolSpec, int, PlacementGroup]] = []
+        bundle_nodes: dict[str, tuple[str, ...]] = {}
         try:
             for p, i in targets:
                 pgs.append((p, i, placement_group(p.bundles(), strategy="STRICT_PACK",
-                                                  name=f"pdserve-{self._tag}-{p.worker_id(i)}")))
-            self._wait_placed(pgs)
+                                                  name=f"pdserve-{self._tag}-{p.worker_id(i)}",
+                                                  _soft_target_node_id=planner.choose(p))))
+            self._wait_placed(pgs, planner)
+            addresses = {n.node_id: n.address for n in nodes}
             for p, i, pg in pgs:
-                started.append((p, i, pg, self._create_actor(p, i, pg)))
+                bundle_nodes[p.worker_id(i)] = nodes_of = _bundle_node_ids(pg)
+                if nodes_of[0] not in addresses:  # a node that joined after the snapshot
+                    addresses.update({n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()})
+                host = addresses[nodes_of[0]] if self._bind_node_ip else None
+                started.append((p, i, pg, self._create_actor(p, i, pg, host)))
             refs = [actor.start.remote(self.start_timeout_s) for *_, actor in started]
             handles = []
             for (p, i, pg, actor), ref in zip(started, refs):
@@ -321,7 +377,8 @@ class RayLauncher:
                     raise WorkerStartError(msg) from None
                 handles.append(WorkerHandle(worker_id=info["worker_id"], role=p.role, address=info["address"],
                                             actor=actor, pool=p.name, index=i, placement_group=pg,
-                                            node_id=info["node_id"], pid=info["pid"]))
+                                            node_id=info["node_id"], pid=info["pid"],
+                                            bundle_node_ids=bundle_nodes[p.worker_id(i)]))
         except BaseException:
             # Those that did register deregister first, so the store does not keep them for a TTL.
             stops = [actor.stop.remote(5.0) for *_, actor in started]
@@ -337,21 +394,43 @@ class RayLauncher:
             log.info("worker %s (%s) ready at %s on node %s", h.worker_id, h.role, h.address, h.node_id[:8])
         return handles
 
-    def _wait_placed(self, pgs: list[tuple[PoolSpec, int, PlacementGroup]]) -> None:
+    def _wait_placed(self, pgs: list[tuple[PoolSpec, int, PlacementGroup]], planner: SpreadPlanner) -> None:
         pending = {pg.ready(): (p, i) for p, i, pg in pgs}
         ready, not_ready = ray.wait(list(pending), num_returns=len(pending), timeout=self.placement_timeout_s)
         if not_ready:
             missing = [pending[r] for r in not_ready]
+            p = missing[0][0]
+            # NOTE: no fail-fast when no node can ever fit: an autoscaler may add one.
+            why = ("the cluster's nodes could not be listed" if not planner.nodes
+                   else "no node of the cluster is that large" if not planner.can_ever_fit(p)
+                   else "the nodes that could hold it are busy")
             raise WorkerStartError(
-                f"could not place {[p.worker_id(i) for p, i in missing]} within {self.placement_timeout_s:.0f} s: "
-                f"each needs {missing[0][0].tp_size} x {dict(missing[0][0].resources)} on ONE node (STRICT_PACK); "
-                f"cluster resources: {_plain(ray.cluster_resources())}, available: {_plain(ray.available_resources())}"
+                f"could not place {[q.worker_id(i) for q, i in missing]} within {self.placement_timeout_s:.0f} s: "
+                f"each needs {p.tp_size} x {dict(p.resources)} = {group_resources(p)} on ONE node (STRICT_PACK), "
+                f"and {why}; nodes (total resources): {_node_summary(planner.nodes)}; "
+                f"available now: {plain_resources(ray.available_resources())}"
             )
         ray.get(ready)
 
-    def _create_actor(self, pool: PoolSpec, index: int, pg: PlacementGroup):
+    def _check_store_reachable(self, nodes: list[NodeView]) -> None:
+        host = urlsplit(self.store_url).hostname or ""
+        if host not in ("localhost", "::1") and not host.startswith("127."):
+            return
+        here = ray.util.get_node_ip_address()
+        remote = sorted({n.address for n in nodes} - {here})
+        if remote:
+            raise ValueError(
+                f"the control-plane store {self.store_url} is on loopback, which workers on other nodes "
+                f"({', '.join(remote)}) cannot reach: use a store every node reaches (e.g. --redis-url "
+                f"redis://<host>:6379)"
+            )
+
+    def _create_actor(self, pool: PoolSpec, index: int, pg: PlacementGroup, host: str | None = None):
         argv = self.spec.worker_args(pool, index, store_url=self.store_url)
         env: dict[str, str] = {}
+        if host is not None and not any(a == "--host" or a.startswith("--host=") for a in argv):
+            argv += ["--host", host]
+            env["PDSERVE_KV_HOST"] = host  # the torch_dist backend's KV store binds there
         runtime_env: dict | None = None
         if pool.tp_size > 1 and pool.resources.get("GPU", 0) > 0:
             ids: list[str] = []
@@ -374,21 +453,26 @@ class RayLauncher:
 
     # ------------------------------------------------------------------ supervision
 
+    def placement(self) -> dict[str, list[str]]:
+        """worker_id -> the Ray node id of each of its bundles (TP ranks), in rank order."""
+        return {wid: list(h.bundle_node_ids) for wid, h in sorted(self.workers.items())}
+
     def handle(self, worker_id: str) -> WorkerHandle:
         try:
             return self.workers[worker_id]
         except KeyError:
             raise KeyError(f"no worker {worker_id!r} launched; running: {sorted(self.workers)}") from None
 
-    def stop_worker(self, worker_id: str, timeout_s: float = 30.0) -> bool:
+    def stop_worker(self, worker_id: str, timeout_s: float = 30.0, drain: bool = False) -> bool:
         """Graceful stop: the worker stops serving, deregisters from the store and exits.
 
+        With ``drain`` it first finishes its in-flight requests (see ``WorkerActor.stop``).
         Returns True when ``serve`` finished (deregistered) within ``timeout_s``; the
         actor and its placement group are released either way.
         """
         h = self.handle(worker_id)
         try:
-            graceful = bool(ray.get(h.actor.stop.remote(timeout_s), timeout=timeout_s + 10))
+            graceful = bool(ray.get(h.actor.stop.remote(timeout_s, drain), timeout=timeout_s + 10))
         except (ray.exceptions.RayError, TimeoutError) as e:
             log.warning("graceful stop of %s failed: %s", worker_id, e)
             graceful = False
@@ -470,9 +554,13 @@ class RayLauncher:
             log.debug("remove_placement_group: %s", e)
 
 
-def _plain(resources: dict[str, float]) -> dict[str, float]:
-    """Resources without Ray's per-placement-group and per-node bookkeeping entries."""
-    return {k: v for k, v in sorted(resources.items()) if "_group_" not in k and not k.startswith("node:")}
+def _bundle_node_ids(pg: PlacementGroup) -> tuple[str, ...]:
+    nodes = ray.util.placement_group_table(pg)["bundles_to_node_id"]
+    return tuple(nodes[b] for b in sorted(nodes))
+
+
+def _node_summary(nodes: list[NodeView]) -> str:
+    return ", ".join(f"{n.node_id[:8]}@{n.address} {dict(n.total)}" for n in nodes) or "none alive"
 
 
 def _actor_state(actor) -> str:

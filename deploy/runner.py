@@ -60,6 +60,8 @@ def build_parser(role: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
     ap.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                    help="where the model and KV cache live (auto: cuda when a GPU is visible, else cpu)")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--num-kv-blocks", type=int, default=None)
     ap.add_argument("--kv-cache-memory", type=int, default=512 << 20, help="KV bytes per rank when --num-kv-blocks is unset")
@@ -88,10 +90,21 @@ def model_identity(cfg: ModelConfig) -> pb.ModelIdentity:
                             vocab_size=cfg.vocab_size)
 
 
+def resolve_device(device: str) -> str:
+    import torch  # noqa: PLC0415
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device")
+    return device
+
+
 def engine_config(args: argparse.Namespace) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig.from_dir(args.model),
         dtype=parse_dtype(args.dtype),
+        device=resolve_device(args.device),
         cache=CacheConfig(args.block_size, args.num_kv_blocks, args.kv_cache_memory),
         scheduler=SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs),
         parallel=ParallelConfig(args.tensor_parallel_size),

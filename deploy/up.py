@@ -37,7 +37,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--router-policy", default="kv", choices=["kv", "round_robin", "random", "least_loaded"])
     p.add_argument("--host", default="127.0.0.1", help="gateway address (default loopback)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (default: $PDSERVE_API_KEY)")
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
     p.add_argument("--redis-url", default=None, help="Redis control-plane store (default: embedded)")
     p.add_argument("--block-size", type=int, default=None)
@@ -86,6 +87,8 @@ def run(args: argparse.Namespace) -> int:
         from .cli import default_model_dir
 
         model = str(ensure_tiny_model(default_model_dir()))
+    if args.api_key is None and os.environ.get("PDSERVE_API_KEY"):
+        args.api_key = os.environ["PDSERVE_API_KEY"]  # keeps the key off the command line
     spec = spec_from_args(args, model)
     if not any(a.split("=", 1)[0] == "--drain-timeout" for a in spec.extra_args):
         spec = dataclasses.replace(spec, extra_args=spec.extra_args + ("--drain-timeout", f"{args.drain_timeout:g}"))

@@ -90,6 +90,10 @@ def _init_group(config: EngineConfig, rank: int, port: int) -> TPGroup:
     size = config.parallel.tensor_parallel_size
     if config.device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // size))
+    elif config.device == "cuda" and torch.cuda.device_count() > 1:
+        # One GPU per rank, in the order CUDA_VISIBLE_DEVICES lists them (the launcher
+        # sets it to the TP group's GPUs); "cuda" then means this rank's GPU.
+        torch.cuda.set_device(rank % torch.cuda.device_count())
     dist.init_process_group(
         _backend(config), init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size, timeout=_GROUP_TIMEOUT
     )
