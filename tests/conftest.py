@@ -1,16 +1,30 @@
 """Shared pytest setup.
 
 * Puts tests/ on sys.path so test modules can ``import hf_reference``.
+* Sets ``TRITON_INTERPRET=1`` without CUDA, so Triton kernels run on CPU.
 * ``hf_model_dir``: session-scoped factory building tiny random HF checkpoints
   (see hf_reference.MODEL_VARIANTS below), each built once per session.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
 import pytest
+
+# Triton kernels run on CPU through Triton's interpreter. It must be chosen before
+# triton is first imported, so here, for every test module. (On a CUDA machine the
+# kernels compile for the GPU instead; tests/gpu runs them at real shapes.)
+if "TRITON_INTERPRET" not in os.environ:
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            os.environ["TRITON_INTERPRET"] = "1"
+    except ImportError:
+        pass
 
 _TESTS_DIR = Path(__file__).resolve().parent
 if str(_TESTS_DIR) not in sys.path:
