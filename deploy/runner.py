@@ -62,6 +62,10 @@ def build_parser(role: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                     help="where the model and KV cache live (auto: cuda when a GPU is visible, else cpu)")
+    ap.add_argument("--attention-backend", default="auto", choices=["auto", "torch", "triton"],
+                    help="auto: the Triton kernels on CUDA, pure torch on CPU")
+    ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                    help="capture decode steps in CUDA graphs (default: on with CUDA + Triton + TP 1)")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--num-kv-blocks", type=int, default=None)
     ap.add_argument("--kv-cache-memory", type=int, default=512 << 20, help="KV bytes per rank when --num-kv-blocks is unset")
@@ -105,6 +109,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         model=ModelConfig.from_dir(args.model),
         dtype=parse_dtype(args.dtype),
         device=resolve_device(args.device),
+        attention_backend=args.attention_backend,
+        cuda_graphs=args.cuda_graphs,
         cache=CacheConfig(args.block_size, args.num_kv_blocks, args.kv_cache_memory),
         scheduler=SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs),
         parallel=ParallelConfig(args.tensor_parallel_size),

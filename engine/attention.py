@@ -8,10 +8,16 @@ contiguous slice of heads. See docs/architecture.md.
 
 Token ``t`` of a request lives in block ``block_table[t // block_size]`` at offset
 ``t % block_size``; the flat "slot" is ``block_id * block_size + offset``.
+
+The seam: a model layer calls an ``AttentionBackend`` (``build_metadata`` once per
+step, then ``store_kv`` and ``forward`` per layer). ``AttentionBackend`` itself is this
+pure-torch path; ``TritonAttentionBackend`` runs the kernels of engine/kernels
+(``EngineConfig.attention_backend`` picks one).
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +43,14 @@ class AttentionMetadata:
     prefill_block_ids: list[torch.Tensor]
     decode_mask: torch.Tensor | None = None
     """[num_decodes, 1, 1, max_blocks * block_size] True where a key is visible; built once per step."""
+    prefill_cu_query_lens: torch.Tensor | None = None
+    """[num_prefills + 1] int32 on the device: prefix sums of the query lengths (kernel backends)."""
+    prefill_context_lens_tensor: torch.Tensor | None = None
+    """[num_prefills] int32 on the device (kernel backends)."""
+    prefill_block_tables: torch.Tensor | None = None
+    """[num_prefills, max_blocks] int32 on the device (kernel backends)."""
+    max_prefill_query_len: int = 0
+    """Longest prefill chunk of the step (sizes the prefill kernel's grid; kernel backends)."""
 
     def build_decode_mask(self, block_size: int) -> None:
         if self.num_decodes:
@@ -105,3 +119,113 @@ def paged_attention(
         out[start : start + q_len] = o.transpose(0, 1)
         start += q_len
     return out
+
+
+class AttentionBackend:
+    """How a layer writes this step's keys/values into the paged cache and attends over it.
+
+    Invariants: ``build_metadata`` runs once per step, before the forward, and every layer
+    of that step reads the same metadata; ``store_kv`` runs before ``forward`` on the same
+    layer (the new tokens attend to themselves). A slot < 0 marks a padding token whose
+    key/value is not stored (kernel backends only; the torch path never sees one).
+
+    This class is the pure-torch backend: the CPU path and the specification.
+    """
+
+    name = "torch"
+
+    def build_metadata(
+        self,
+        slot_mapping: torch.Tensor,
+        decode_block_tables: torch.Tensor,
+        decode_context_lens: torch.Tensor,
+        prefill_lens: torch.Tensor,
+        prefill_block_tables: torch.Tensor,
+        block_size: int,
+    ) -> AttentionMetadata:
+        """prefill_lens: [num_prefills, 2] (query_len, context_len); tables padded with block 0."""
+        lens = prefill_lens.tolist()
+        block_ids = [row[: -(-ctx // block_size)] for row, (_, ctx) in zip(prefill_block_tables, lens)]
+        meta = AttentionMetadata(
+            slot_mapping=slot_mapping,
+            num_decodes=decode_context_lens.shape[0],
+            decode_block_tables=decode_block_tables,
+            decode_context_lens=decode_context_lens,
+            prefill_query_lens=[q for q, _ in lens],
+            prefill_context_lens=[c for _, c in lens],
+            prefill_block_ids=block_ids,
+        )
+        meta.build_decode_mask(block_size)
+        return meta
+
+    def store_kv(self, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
+        store_kv(kv_layer, k, v, meta.slot_mapping)
+
+    def forward(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        return paged_attention(q, kv_layer, meta, scale)
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """The Triton kernels of engine/kernels: one decode launch and one prefill launch per layer.
+
+    Metadata is int32 on the device and built without reading tensors back to the host,
+    so a decode-only step is CUDA-graph capturable (see engine/cuda_graphs.py).
+    """
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        from .kernels.decode_attention import paged_decode_attention
+        from .kernels.kv_store import store_kv as store_kv_kernel
+        from .kernels.prefill_attention import paged_prefill_attention
+
+        self._decode = paged_decode_attention
+        self._prefill = paged_prefill_attention
+        self._store = store_kv_kernel
+
+    def build_metadata(self, slot_mapping, decode_block_tables, decode_context_lens, prefill_lens,
+                       prefill_block_tables, block_size) -> AttentionMetadata:
+        # prefill_lens is on the host where the caller has it there (rank 0): no device sync.
+        device = slot_mapping.device
+        query_lens = prefill_lens[:, 0]
+        cu = F.pad(torch.cumsum(query_lens, 0, dtype=torch.int32), (1, 0)).to(device)
+        return AttentionMetadata(
+            slot_mapping=slot_mapping,
+            num_decodes=decode_context_lens.shape[0],
+            decode_block_tables=decode_block_tables.to(torch.int32),
+            decode_context_lens=decode_context_lens.to(torch.int32),
+            prefill_query_lens=[],
+            prefill_context_lens=[],
+            prefill_block_ids=[],
+            prefill_cu_query_lens=cu,
+            prefill_context_lens_tensor=prefill_lens[:, 1].to(device=device, dtype=torch.int32),
+            prefill_block_tables=prefill_block_tables.to(device=device, dtype=torch.int32),
+            max_prefill_query_len=int(query_lens.max()) if query_lens.numel() else 0,
+        )
+
+    def store_kv(self, kv_layer, k, v, meta) -> None:
+        self._store(kv_layer, k, v, meta.slot_mapping)
+
+    def forward(self, q, kv_layer, meta, scale) -> torch.Tensor:
+        q = q.contiguous()
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd:
+            self._decode(q[:nd], kv_layer, meta.decode_block_tables, meta.decode_context_lens, scale, out=out[:nd])
+        if q.shape[0] > nd:
+            self._prefill(
+                q[nd:], kv_layer, meta.prefill_cu_query_lens, meta.prefill_context_lens_tensor,
+                meta.prefill_block_tables, scale, out=out[nd:], max_query_len=meta.max_prefill_query_len,
+            )
+        return out
+
+
+def make_attention_backend(name: str, device: str) -> AttentionBackend:
+    """The backend called ``name`` ("torch" or "triton", already resolved from "auto")."""
+    if name == "torch":
+        return AttentionBackend()
+    if name != "triton":
+        raise ValueError(f"unknown attention backend {name!r}; use torch or triton")
+    if not device.startswith("cuda") and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"attention_backend='triton' on device {device!r} needs CUDA or TRITON_INTERPRET=1")
+    return TritonAttentionBackend()

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+ATTENTION_BACKENDS = ("auto", "torch", "triton")
+
 SUPPORTED_ARCHITECTURES = ("LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM", "MistralForCausalLM")
 
 _DTYPES = {
@@ -227,10 +229,35 @@ class EngineConfig:
     agent over that rank's KV region); rank 0 reaches every rank's through
     ``executor.call_extension``."""
     rank_extension_config: bytes = b""
+    attention_backend: str = "auto"
+    """"torch" (pure-torch paged attention, the specification), "triton" (the kernels in
+    engine/kernels; on CPU only under TRITON_INTERPRET=1) or "auto": triton on CUDA, torch on CPU."""
+    use_fused_ops: bool | None = None
+    """Fused Triton RMSNorm/rotary/SiLU-and-mul kernels; None: on CUDA."""
+    cuda_graphs: bool | None = None
+    """Capture decode-only steps as CUDA graphs at start; None: on for CUDA with the triton
+    backend and tensor_parallel_size 1. Needs CUDA and the triton backend."""
+    cuda_graph_max_len: int = 8192
+    """Longest context a captured decode step covers (block tables are padded to it);
+    a decode step with a longer context runs eagerly."""
 
     def __post_init__(self) -> None:
         if self.max_model_len is not None and not 1 <= self.max_model_len:
             raise ValueError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}, got {self.attention_backend!r}")
+        if self.attention_backend == "triton" and not self.kernels_support_head_dim:
+            raise ValueError(
+                f"attention_backend='triton' needs head_dim a power of two in [16, 256], got {self.model.head_dim}"
+            )
+        if self.cuda_graph_max_len < 1:
+            raise ValueError(f"cuda_graph_max_len must be >= 1, got {self.cuda_graph_max_len}")
+        if self.cuda_graphs and not self.is_cuda:
+            raise ValueError(f"cuda_graphs=True needs a CUDA device, got device={self.device!r}")
+        if self.cuda_graphs and self.resolved_attention_backend != "triton":
+            raise ValueError(
+                f"cuda_graphs=True needs the triton attention backend, got attention_backend={self.attention_backend!r}"
+            )
         tp = self.parallel.tensor_parallel_size
         for name, value in (("num_attention_heads", self.model.num_heads), ("intermediate_size", self.model.intermediate_size)):
             if value % tp:
@@ -243,3 +270,30 @@ class EngineConfig:
     @property
     def context_len(self) -> int:
         return self.max_model_len or self.model.max_position_embeddings
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.startswith("cuda")
+
+    @property
+    def kernels_support_head_dim(self) -> bool:
+        d = self.model.head_dim
+        return 16 <= d <= 256 and d & (d - 1) == 0
+
+    @property
+    def resolved_attention_backend(self) -> str:
+        if self.attention_backend == "auto":
+            return "triton" if self.is_cuda and self.kernels_support_head_dim else "torch"
+        return self.attention_backend
+
+    @property
+    def fused_ops_enabled(self) -> bool:
+        if self.use_fused_ops is None:
+            return self.is_cuda and self.kernels_support_head_dim
+        return self.use_fused_ops
+
+    @property
+    def cuda_graphs_enabled(self) -> bool:
+        if self.cuda_graphs is None:
+            return self.is_cuda and self.resolved_attention_backend == "triton" and self.parallel.tensor_parallel_size == 1
+        return self.cuda_graphs

@@ -7,6 +7,7 @@ tensor, so the checkpoint loader stays a name map.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -29,6 +30,15 @@ def _param(*shape: int, loader=_copy_loader) -> nn.Parameter:
     return p
 
 
+def set_fused_ops(root: nn.Module, enabled: bool) -> None:
+    """Switch every module under ``root`` that has a ``fused_ops`` flag (norms, MLP, attention)."""
+    if enabled:
+        from .kernels import activation, norm, rotary  # noqa: F401 - fail here, not mid-forward, without Triton
+    for module in root.modules():
+        if hasattr(module, "fused_ops"):
+            module.fused_ops = enabled
+
+
 class RMSNorm(nn.Module):
     """RMSNorm computed in float32 like the reference; optionally adds the residual first."""
 
@@ -36,8 +46,13 @@ class RMSNorm(nn.Module):
         super().__init__()
         self.eps = eps
         self.weight = _param(dim)
+        self.fused_ops = False
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if self.fused_ops:
+            from .kernels.norm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps, residual)
         if residual is not None:
             x = residual = x + residual
         dtype = x.dtype
@@ -171,6 +186,15 @@ class RotaryEmbedding(nn.Module):
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos().to(dtype), persistent=False)
         self.register_buffer("sin", emb.sin().to(dtype), persistent=False)
+        self.fused_ops = False
+
+    def for_step(self, positions: torch.Tensor):
+        """``rotate(q, k) -> (q, k)`` for this step's tokens, shared by every layer."""
+        if self.fused_ops:
+            from .kernels.rotary import apply_rotary
+
+            return functools.partial(apply_rotary, positions=positions, cos=self.cos, sin=self.sin)
+        return functools.partial(RotaryEmbedding.apply, self.cos_sin(positions))
 
     def cos_sin(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-token tables [T, 1, D], looked up once per step and shared by every layer."""

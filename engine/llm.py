@@ -37,6 +37,9 @@ class LLM:
         max_num_seqs: int = 256,
         max_model_len: int | None = None,
         seed: int = 0,
+        attention_backend: str = "auto",
+        use_fused_ops: bool | None = None,
+        cuda_graphs: bool | None = None,
     ) -> None:
         config = EngineConfig(
             model=ModelConfig.from_dir(model),
@@ -47,6 +50,9 @@ class LLM:
             parallel=ParallelConfig(tensor_parallel_size),
             seed=seed,
             max_model_len=max_model_len,
+            attention_backend=attention_backend,
+            use_fused_ops=use_fused_ops,
+            cuda_graphs=cuda_graphs,
         )
         self.tokenizer = Tokenizer.from_dir(model)
         self.engine = LLMEngine(config, self.tokenizer)

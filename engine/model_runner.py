@@ -11,7 +11,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from .attention import AttentionMetadata
+from .attention import AttentionBackend, AttentionMetadata, make_attention_backend
+from .cuda_graphs import DecodeGraphRunner
 from .config import EngineConfig
 from .loader import load_model
 from .parallel import TPGroup
@@ -38,22 +39,23 @@ class StepInputs:
     def from_tensors(cls, tensors: list[torch.Tensor]) -> "StepInputs":
         return cls(*tensors)
 
-    def attention_metadata(self, block_size: int) -> AttentionMetadata:
-        lens = self.prefill_lens.tolist()
-        block_ids = []
-        for row, (_, ctx) in zip(self.prefill_block_tables, lens):
-            block_ids.append(row[: -(-ctx // block_size)])
-        meta = AttentionMetadata(
-            slot_mapping=self.slot_mapping,
-            num_decodes=self.decode_context_lens.shape[0],
-            decode_block_tables=self.decode_block_tables,
-            decode_context_lens=self.decode_context_lens,
-            prefill_query_lens=[q for q, _ in lens],
-            prefill_context_lens=[c for _, c in lens],
-            prefill_block_ids=block_ids,
+    def to(self, device: str | torch.device) -> "StepInputs":
+        """Tensors on ``device``, except ``prefill_lens``: read on the host (grid sizes, lists)."""
+        moved = [t.to(device, non_blocking=True) for t in self.tensors()]
+        out = StepInputs.from_tensors(moved)
+        out.prefill_lens = self.prefill_lens.cpu()
+        return out
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.prefill_lens.shape[0] == 0 and self.decode_context_lens.shape[0] == self.input_ids.shape[0]
+
+    def attention_metadata(self, block_size: int, backend: AttentionBackend | None = None) -> AttentionMetadata:
+        backend = backend or AttentionBackend()
+        return backend.build_metadata(
+            self.slot_mapping, self.decode_block_tables, self.decode_context_lens,
+            self.prefill_lens, self.prefill_block_tables, block_size,
         )
-        meta.build_decode_mask(block_size)
-        return meta
 
 
 def order_for_step(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
@@ -117,16 +119,33 @@ class ModelRunner:
         self.config = config
         self.tp = tp
         self.block_size = config.cache.block_size
+        self.attention = make_attention_backend(config.resolved_attention_backend, config.device)
         self.model = load_model(config.model, tp, config.dtype, config.device, config.context_len)
+        self.model.set_kernels(self.attention, config.fused_ops_enabled)
         m = config.model
         self.kv_cache = torch.zeros(
             m.num_layers, num_blocks, 2, self.model.num_local_kv_heads, self.block_size, m.head_dim,
             dtype=config.dtype, device=config.device,
         )
+        self.graphs: DecodeGraphRunner | None = None
+        if config.cuda_graphs_enabled:
+            self.graphs = DecodeGraphRunner(
+                self.model, self.kv_cache, self.attention, self.block_size,
+                max_batch=config.scheduler.max_num_seqs,
+                max_blocks=-(-min(config.cuda_graph_max_len, config.context_len) // self.block_size),
+                device=config.device, capture=True,
+            )
+            self.graphs.capture_all()
 
     @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         """Run one step; returns float32 logits [num_sampled, vocab] (on every rank)."""
-        meta = inputs.attention_metadata(self.block_size)
-        hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, meta)
-        return self.model.compute_logits(hidden[inputs.logits_indices]).float()
+        if self.graphs is not None and self.graphs.can_run(inputs):
+            hidden = self.graphs.run(inputs)
+            logits_indices = inputs.logits_indices.to(self.config.device)
+        else:
+            inputs = inputs.to(self.config.device)
+            meta = inputs.attention_metadata(self.block_size, self.attention)
+            hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, meta)
+            logits_indices = inputs.logits_indices
+        return self.model.compute_logits(hidden[logits_indices]).float()

@@ -34,9 +34,12 @@ class Sampler:
         tokens = logits.argmax(dim=-1)
         sample_rows = [i for i, p in enumerate(params) if not p.is_greedy]
         if sample_rows:
-            rows = torch.tensor(sample_rows)
-            sampled = self._sample(logits[rows], [requests[i] for i in sample_rows])
-            tokens[rows] = sampled
+            rows = torch.tensor(sample_rows, device=logits.device)
+            # NOTE: sampling runs on the CPU even when the model is on a GPU: the seeded
+            # per-request generators (and so the noise streams) live there, which keeps
+            # a seed's tokens the same on every device and batch.
+            sampled = self._sample(logits[rows].cpu(), [requests[i] for i in sample_rows])
+            tokens[rows] = sampled.to(tokens.device)
         token_list = tokens.tolist()
         for i, lp in enumerate(logprobs):
             if lp is not None and token_list[i] not in lp:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..attention import AttentionMetadata, paged_attention, store_kv
+from ..attention import AttentionBackend, AttentionMetadata
 from ..config import ModelConfig
 from ..layers import (
     ColumnParallelLinear,
@@ -19,6 +19,7 @@ from ..layers import (
     RotaryEmbedding,
     RowParallelLinear,
     VocabParallelEmbedding,
+    set_fused_ops,
 )
 from ..parallel import TPGroup
 
@@ -34,8 +35,10 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
+        self.backend = AttentionBackend()
 
-    def forward(self, rope: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+    def forward(self, rope, x: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
+        """rope: ``rotate(q, k) -> (q, k)`` from ``RotaryEmbedding.for_step``; x: [T, hidden]."""
         T = x.shape[0]
         qkv = self.qkv_proj(x)  # [T, (H + 2 Hkv) D]
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -45,9 +48,9 @@ class Attention(nn.Module):
         v = v.view(T, self.num_kv_heads, self.head_dim)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = RotaryEmbedding.apply(rope, q, k)
-        store_kv(kv_layer, k, v, meta.slot_mapping)
-        o = paged_attention(q, kv_layer, meta, self.scale)
+        q, k = rope(q, k)
+        self.backend.store_kv(kv_layer, k, v, meta)
+        o = self.backend.forward(q, kv_layer, meta, self.scale)
         return self.o_proj(o.view(T, q_size))
 
 
@@ -56,8 +59,13 @@ class MLP(nn.Module):
         super().__init__()
         self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, tp)
         self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp)
+        self.fused_ops = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused_ops:
+            from ..kernels.activation import silu_and_mul
+
+            return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
         gate, up = self.gate_up_proj(x).chunk(2, dim=-1)
         return self.down_proj(F.silu(gate) * up)
 
@@ -99,6 +107,12 @@ class LlamaForCausalLM(nn.Module):
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
 
+    def set_kernels(self, attention: AttentionBackend, fused_ops: bool) -> None:
+        """Choose the attention backend and whether norms, RoPE and SiLU-mul use fused kernels."""
+        for layer in self.layers:
+            layer.self_attn.backend = attention
+        set_fused_ops(self, fused_ops)
+
     @property
     def num_local_kv_heads(self) -> int:
         return self.layers[0].self_attn.num_kv_heads
@@ -106,7 +120,7 @@ class LlamaForCausalLM(nn.Module):
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, kv_cache: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """input_ids, positions: [T] -> final hidden states [T, hidden]."""
         x = self.embed_tokens(input_ids)
-        rope = self.rotary.cos_sin(positions)
+        rope = self.rotary.for_step(positions)
         residual = None
         for i, layer in enumerate(self.layers):
             x, residual = layer(rope, x, residual, kv_cache[i], meta)
