@@ -244,3 +244,40 @@ def test_sweep_writes_its_files(deploy, tmp_path, capsys):
         assert (tmp_path / name).read_bytes()[:8] == PNG_MAGIC
     assert "highest rate meeting the SLOs" in capsys.readouterr().out
     deploy.wait_all_free()
+
+
+def test_plan_profiles_this_deployment_then_simulates_and_recommends(deploy, tmp_path, capsys):
+    """`pdserve plan` end to end on the real deployment: a short profiling run over HTTP,
+    then the simulator and the planner on the profile it wrote."""
+    from pdserve.loadtest import plan_cli
+    from pdserve.loadtest.profile import Profile
+
+    parser = argparse.ArgumentParser()
+    plan_cli.add_arguments(parser)
+    out = tmp_path / "profile.json"
+    assert plan_cli.run(parser.parse_args([
+        "profile", "--url", deploy.url, "--api-key", API_KEY, "--tokenizer", str(deploy.model_dir),
+        "--out", str(out), "--prefill-lens", "64,160", "--decode-batch-sizes", "1,2",
+        "--decode-context-lens", "16,96", "--decode-tokens", "8", "--reps", "1",
+        "--prefill", "1", "--decode", "1", "--kv-blocks", "384", "--disagg-threshold", "1"])) == 0
+    profile = Profile.load(out)
+    # Every length and batch size asked for was measured, with real (positive) times,
+    # and the deployment is described as launched.
+    assert {p.prompt_lens[0] for p in profile.prefill_points} >= {64, 160}
+    assert {(p.batch_size, p.context_len > 50) for p in profile.decode_points} >= {(1, False), (2, True)}
+    assert all(p.seconds > 0 for p in profile.prefill_points) and all(p.step_s > 0 for p in profile.decode_points)
+    assert profile.fit.iteration_s >= 0 and profile.fit.prefill_token_s >= 0
+    assert profile.deployment.num_prefill == 1 and profile.deployment.kv_blocks_per_decode_worker == 384
+    deploy.wait_all_free()
+    capsys.readouterr()
+    assert plan_cli.run(parser.parse_args([
+        "simulate", "--profile", str(out), "--prefill", "1", "--decode", "1", "--input-len", "100",
+        "--output-len", "8", "--rate", "2", "--num-requests", "40", "--json"])) == 0
+    sim = json.loads(capsys.readouterr().out)
+    assert sim["summary"]["num_completed"] == 40 and sim["summary"]["ttft_ms"]["p50"] > 0
+    assert plan_cli.run(parser.parse_args([
+        "recommend", "--profile", str(out), "--gpus", "3", "--tp-sizes", "1", "--input-len", "100",
+        "--output-len", "8", "--rate", "2", "--num-requests", "40", "--slo-ttft", "5000"])) == 0
+    table = capsys.readouterr().out
+    # Every split of 3 GPUs with at least one worker per pool is a row: 1P:1D, 1P:2D, 2P:1D.
+    assert all(label in table for label in ("1P:1D", "1P:2D", "2P:1D")) and "recommended" in table
