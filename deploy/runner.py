@@ -221,8 +221,8 @@ async def serve(args: argparse.Namespace, role_name: str, shutdown: Shutdown | N
             await asyncio.to_thread(store.deregister, worker_id)
         except Exception as e:  # noqa: BLE001 - the TTL removes the entry anyway
             log.warning("deregister failed: %s", e)
-        aengine.shutdown()
         transport.close()
+        aengine.shutdown()
         store.close()
 
 

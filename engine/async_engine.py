@@ -34,6 +34,7 @@ class AsyncEngine:
         self.on_remote_prefill = on_remote_prefill
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}
+        self._prefill_only: set[str] = set()
         """request_id -> queue of the CompletionDelta lists each step produced for it."""
         self._request_of: dict[str, str] = {}
         """Completion id ("{request_id}#{i}" when n > 1) -> request id."""
@@ -100,19 +101,17 @@ class AsyncEngine:
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
         try:
+            self._prefill_only.add(request_id)
             await self.call(lambda: self.engine.add_prefill_only(request_id, prompt_token_ids, params))
-            (delta,) = await stream.get()
-
-            def finish() -> list[int]:
-                self.engine.take_finished(request_id, [])
-                return self.engine.block_ids(request_id)
-
-            block_ids = await self.call(finish)
+            # NOTE: the engine thread hands over the block ids with the delta (``_dispatch``),
+            # so the KV write can start at once instead of waiting for the next step.
+            (delta,), block_ids = await stream.get()
         except BaseException:
             self.abort(request_id)
             raise
         finally:
             self._streams.pop(request_id, None)
+            self._prefill_only.discard(request_id)
         if delta.finish_reason in ("abort", "error"):
             raise RuntimeError(delta.error or f"prefill of {request_id} was aborted")
         return delta, block_ids
@@ -185,7 +184,14 @@ class AsyncEngine:
             by_request.setdefault(rid, []).append(d)
         for rid, ds in by_request.items():
             stream = self._streams.get(rid)
-            if stream is not None:
+            if stream is None:
+                continue
+            if rid in self._prefill_only:
+                # A prefill-only request ends with its first token: forget it here and
+                # hand over the blocks it keeps for the transfer (until ``release``).
+                self.engine.take_finished(rid, [])
+                self.loop.call_soon_threadsafe(stream.put_nowait, (ds, self.engine.block_ids(rid)))
+            else:
                 self.loop.call_soon_threadsafe(stream.put_nowait, ds)
 
 

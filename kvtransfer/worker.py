@@ -8,8 +8,10 @@ out); every rank plans its own share of a transfer with the pure planner, so onl
 block ids and peer layouts travel.
 
 ``EngineTransport`` is what the prefill and decode services use: asynchronous
-``send`` / ``expect`` / ``wait`` / ``cancel``. Its calls run on the engine thread
-between steps (``AsyncEngine.call``) and never block on the network: a write or an
+``send`` / ``expect`` / ``wait`` / ``cancel``. With TP = 1 its calls run on a thread
+of the transport's own, beside the engine loop; with TP > 1 on the engine thread
+between steps (``AsyncEngine.call``), since they broadcast on the ranks' group (see
+``EngineTransport.attach``). They never block on the network: a write or an
 expectation is posted, then polled until DONE, FAILED or its deadline.
 """
 
@@ -19,6 +21,7 @@ import asyncio
 import base64
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from pdserve.proto import pdserve_pb2 as pb
@@ -149,11 +152,22 @@ class EngineTransport:
         self.rank_metadata = self.executor.call_extension(pack_metadata({"op": "metadata"}))
         self.layouts = [KVRegionLayout.from_dict(unpack_metadata(m)[0]["layout"]) for m in self.rank_metadata]
         self.aengine = None
+        self._pool: ThreadPoolExecutor | None = None
         self._peer_epochs: dict[str, int] = {}
 
     def attach(self, aengine: Any) -> None:
-        """Route later calls through the engine thread of ``aengine``."""
+        """Route later calls through the engine thread of ``aengine`` (TP > 1), or through
+        this transport's own thread (TP = 1).
+
+        NOTE: with one rank the agent is only ever used through these calls, so they need
+        no step boundary: run on a thread of their own (one at a time), a finished
+        prefill's KV write and a decode worker's ``expect``/poll no longer wait for the
+        prefill iteration or decode step in progress. With TP > 1 the control bytes are
+        broadcast on the ranks' step group, which only the engine thread may use.
+        """
         self.aengine = aengine
+        if self.engine.config.parallel.tensor_parallel_size == 1:
+            self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="pdserve-kv")
 
     def endpoint(self) -> pb.TransferEndpoint:
         ranks = [
@@ -164,6 +178,8 @@ class EngineTransport:
 
     async def _call(self, header: dict) -> list[bytes]:
         payload = pack_metadata(header)
+        if self._pool is not None:
+            return await asyncio.get_running_loop().run_in_executor(self._pool, self.executor.call_extension, payload)
         return await self.aengine.call(lambda: self.executor.call_extension(payload))
 
     async def _ensure_peer(self, info: pb.WorkerInfo) -> None:
@@ -223,4 +239,8 @@ class EngineTransport:
             asyncio.get_running_loop().create_task(self._call({"op": "cancel", "tid": transfer_id}))
 
     def close(self) -> None:
-        """Agents close with the engine's executor (rank extensions)."""
+        """Agents close with the engine's executor (rank extensions); call this first, so
+        no transfer call is still running on this transport's thread when they do."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

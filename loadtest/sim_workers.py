@@ -5,9 +5,11 @@ one engine thread steps back to back while there is work, and every call from th
 server's event loop (add a request, post or poll a KV transfer, complete a remote
 prefill) is a *command* that thread runs between steps: at once when it is idle,
 else when the running step ends. It drains its queue and then starts the next step,
-so a command the event loop issues in reaction to a step's output (a finished prefill's
-KV write, a decode worker's ``expect`` before its Prefill call) waits for the next step
-too when there is more work. An iteration's duration is
+so a command the event loop issues in reaction to a step's output waits for the next
+step too when there is more work. KV transfer calls (a finished prefill's write, its
+poll, a decode worker's ``expect`` and poll) are such commands only with
+``direct_transfer`` off; pdserve runs them beside the engine loop at TP 1, and the
+simulator does the same for TP-1 workers. An iteration's duration is
 :class:`WorkerCosts.iteration_s` of what it computes.
 
 Prefill worker: FIFO queue of prompts; an iteration takes chunks of at most
@@ -92,8 +94,11 @@ def _blocks_for(num_tokens: int, block_size: int) -> int:
 class _EngineLoop:
     """One worker's engine thread: steps, and commands between them (module docstring)."""
 
-    def __init__(self, sim: Clock) -> None:
+    def __init__(self, sim: Clock, direct_transfer: bool = False) -> None:
         self.sim = sim
+        #: KV transfer calls run beside the engine loop, not as commands between steps
+        #: (pdserve does this at TP 1: ``EngineTransport.attach``).
+        self.direct_transfer = direct_transfer
         self.is_busy = False  # a step runs or is about to start
         self.is_computing = False  # a step runs
         self._commands: list = []
@@ -143,8 +148,8 @@ class _EngineLoop:
 
 class PrefillWorker(_EngineLoop):
     def __init__(self, name: str, sim: Clock, costs: WorkerCosts, cache_blocks: int, block_size: int,
-                 token_budget: int, chunk_size: int, transfer_token_s: float) -> None:
-        super().__init__(sim)
+                 token_budget: int, chunk_size: int, transfer_token_s: float, direct_transfer: bool = False) -> None:
+        super().__init__(sim, direct_transfer)
         self.name = name
         self.costs = costs
         self.cache = PrefixCache(cache_blocks)
@@ -202,7 +207,10 @@ class PrefillWorker(_EngineLoop):
                 self.num_inflight -= 1
                 if seq.request.block_hashes:
                     self.view.insert(seq.request.block_hashes[: seq.prompt_len // self.block_size])
-                posts.append((self._write, seq))
+                if self.direct_transfer:
+                    self._write(now, seq)  # the write starts while the next step runs
+                else:
+                    posts.append((self._write, seq))
         self._boundary(now, posts)
 
     def _write(self, now: float, seq: Seq) -> None:
@@ -210,7 +218,10 @@ class PrefillWorker(_EngineLoop):
         self.sim.at(now + self.transfer_token_s * (seq.prompt_len - seq.num_cached), self._transferred, seq)
 
     def _transferred(self, now: float, seq: Seq) -> None:
-        self.issue(now, self._answer, seq)  # the poll that sees DONE
+        if self.direct_transfer:
+            self._answer(now, seq)
+        else:
+            self.issue(now, self._answer, seq)  # the poll that sees DONE
 
     def _answer(self, now: float, seq: Seq) -> None:
         seq.decode.kv_arrived(now, seq)
@@ -218,8 +229,8 @@ class PrefillWorker(_EngineLoop):
 
 class DecodeWorker(_EngineLoop):
     def __init__(self, name: str, sim: Clock, costs: WorkerCosts, num_blocks: int, block_size: int,
-                 token_budget: int, chunk_size: int, max_num_seqs: int) -> None:
-        super().__init__(sim)
+                 token_budget: int, chunk_size: int, max_num_seqs: int, direct_transfer: bool = False) -> None:
+        super().__init__(sim, direct_transfer)
         self.name = name
         self.costs = costs
         self.num_total_blocks = num_blocks
@@ -263,8 +274,11 @@ class DecodeWorker(_EngineLoop):
         seq.prefill.submit(now, seq)
 
     def kv_arrived(self, now: float, seq: Seq) -> None:
-        """The Prefill call answered: a poll command confirms the KV, then completion."""
-        self.issue(now, lambda t: self.issue(t, self._complete, seq))
+        """The Prefill call answered: a poll confirms the KV, then completion (a command)."""
+        if self.direct_transfer:
+            self.issue(now, self._complete, seq)
+        else:
+            self.issue(now, lambda t: self.issue(t, self._complete, seq))
 
     def _complete(self, now: float, seq: Seq) -> None:
         """``complete_remote_prefill``: the first token now; decoding from the next step."""
@@ -349,7 +363,12 @@ class DecodeWorker(_EngineLoop):
                 if seq.request.block_hashes:
                     self.view.insert(seq.request.block_hashes[: seq.request.input_len // self.block_size])
                 self._emit(seq, now)
-        self._boundary(now, tuple((self._expect, seq) for seq in dispatch))
+        if self.direct_transfer:
+            self._boundary(now)
+            for seq in dispatch:
+                self._expect(now, seq)
+        else:
+            self._boundary(now, tuple((self._expect, seq) for seq in dispatch))
 
     def _emit(self, seq: Seq, now: float) -> None:
         """A sampled token: the first after a prefill, or one decode step."""

@@ -147,10 +147,13 @@ class _Simulation:
         eff = config.tp_efficiency
         p_costs = WorkerCosts.for_worker(fit, config.prefill_tp, dep.prefill_tp, eff)
         d_costs = WorkerCosts.for_worker(fit, config.decode_tp, dep.decode_tp, eff)
+        # pdserve runs KV transfer calls beside the engine loop when a worker has one rank.
         self.prefill = [PrefillWorker(f"prefill-{i}", self, p_costs, prefill_cache, dep.block_size, budget, chunk,
-                                      fit.transfer_token_s) for i in range(config.num_prefill)]
+                                      fit.transfer_token_s, direct_transfer=config.prefill_tp == 1)
+                        for i in range(config.num_prefill)]
         self.decode = [DecodeWorker(f"decode-{i}", self, d_costs, kv_blocks, dep.block_size, budget, chunk,
-                                    config.max_num_seqs or dep.max_num_seqs) for i in range(config.num_decode)]
+                                    config.max_num_seqs or dep.max_num_seqs, direct_transfer=config.decode_tp == 1)
+                       for i in range(config.num_decode)]
         threshold = dep.disagg_threshold_tokens if config.disagg_threshold_tokens is None \
             else config.disagg_threshold_tokens
         self.router = SimRouter(config.policy, self.decode, self.prefill, dep.block_size, threshold, config.seed)

@@ -52,14 +52,20 @@ def test_one_prefill_worker_is_an_md1_queue():
     assert all(r.ttft_s >= r.prefill_wait_s + service_s - 1e-9 for r in result.results)
 
 
-def test_kv_write_waits_for_the_next_prefill_iteration():
+def test_kv_write_waits_for_the_next_prefill_iteration_only_with_tp():
     # Two prompts 10 ms apart on one prefill worker: the second arrives during the first's
-    # iteration, so the first's KV write runs only after the second's iteration.
+    # iteration. At TP 1 the first's KV write starts as its iteration ends (pdserve runs
+    # transfer calls beside the engine loop); at TP 2 it is a command between steps, so
+    # it waits for the second's iteration.
     profile = _profile(prefill_token_s=1e-3, max_num_batched_tokens=100, disagg_threshold_tokens=1)
     requests = [SimRequest(0, 0.0, 100, 1), SimRequest(1, 0.01, 100, 1)]
     first, second = simulate(profile, ClusterConfig(1, 1), requests).results
-    assert first.ttft_s == pytest.approx(0.2)
+    assert first.ttft_s == pytest.approx(0.1)
     assert second.ttft_s == pytest.approx(0.19)
+    # TP 2 at efficiency 1: each iteration takes half as long (50 ms).
+    first, second = simulate(profile, ClusterConfig(1, 1, prefill_tp=2, tp_efficiency=1.0), requests).results
+    assert first.ttft_s == pytest.approx(0.1)  # written after the second's iteration, not at 0.05
+    assert second.ttft_s == pytest.approx(0.09)
 
 
 def test_constant_decode_step_gives_tpot_equal_to_the_step():
