@@ -73,7 +73,25 @@ class DecodeService(pb_grpc.DecodeServicer):
         self._prefill_tasks: dict[str, asyncio.Task] = {}
         self.transfers = pb.StatsResponse()
         """Counters of KV received from prefill workers (bytes, count, failures, latency)."""
+        self._channels: dict[str, grpc.aio.Channel] = {}
+        """Prefill worker address -> channel, kept across hops (a new one per hop cost a
+        connection setup each time; gRPC reconnects a kept one if its peer restarts)."""
         aengine.on_remote_prefill = self._remote_prefill
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+        self._channels.clear()
+
+    def _channel(self, address: str) -> grpc.aio.Channel:
+        channel = self._channels.get(address)
+        if channel is None:
+            # A prefill worker restarted on the same address must be reachable within
+            # seconds, not after gRPC's default reconnect backoff (up to 120 s); until
+            # then hops fail fast with UNAVAILABLE and are prefilled here.
+            channel = self._channels[address] = grpc.aio.insecure_channel(
+                address, options=[("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)])
+        return channel
 
     # -- RPCs ------------------------------------------------------------------------
 
@@ -149,8 +167,7 @@ class DecodeService(pb_grpc.DecodeServicer):
                 ),
                 timeout_ms=int(self.prefill_timeout_s * 1000),
             )
-            async with grpc.aio.insecure_channel(info.address) as channel:
-                resp = await pb_grpc.PrefillStub(channel).Prefill(req, timeout=self.prefill_timeout_s)
+            resp = await pb_grpc.PrefillStub(self._channel(info.address)).Prefill(req, timeout=self.prefill_timeout_s)
             await self.receiver.wait(transfer_id, self.prefill_timeout_s)
         except asyncio.CancelledError:
             self.receiver.cancel(transfer_id)

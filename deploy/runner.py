@@ -217,6 +217,8 @@ async def serve(args: argparse.Namespace, role_name: str, shutdown: Shutdown | N
         if metrics is not None:
             metrics.close()
         await server.stop(grace=2.0)
+        if "decode" in services:
+            await services["decode"].close()
         try:
             await asyncio.to_thread(store.deregister, worker_id)
         except Exception as e:  # noqa: BLE001 - the TTL removes the entry anyway
