@@ -186,6 +186,7 @@ async def serve(args: argparse.Namespace, role_name: str, shutdown: Shutdown | N
 
         metrics = WorkerMetrics(worker_id, role_name, aengine, services)
         await metrics.start(args.host, args.metrics_port or 0)
+        info.metrics_url = metrics.url
     await asyncio.to_thread(store.register, info, args.heartbeat_ttl)
     await _set_serving(health_servicer)
     print(f"READY {worker_id} {address}", flush=True)

@@ -121,7 +121,7 @@ class TransferEndpoint(_message.Message):
     def __init__(self, backend: _Optional[_Union[TransferBackend, str]] = ..., ranks: _Optional[_Iterable[_Union[RankAgent, _Mapping]]] = ...) -> None: ...
 
 class WorkerInfo(_message.Message):
-    __slots__ = ("worker_id", "role", "address", "protocol_version", "model", "kv_layout", "transfer", "num_kv_blocks", "node_id", "started_at_ms", "draining")
+    __slots__ = ("worker_id", "role", "address", "protocol_version", "model", "kv_layout", "transfer", "num_kv_blocks", "node_id", "started_at_ms", "draining", "metrics_url")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,7 @@ class WorkerInfo(_message.Message):
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    METRICS_URL_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     role: Role
     address: str
@@ -144,7 +145,8 @@ class WorkerInfo(_message.Message):
     node_id: str
     started_at_ms: int
     draining: bool
-    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., protocol_version: _Optional[int] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., kv_layout: _Optional[_Union[KVLayout, _Mapping]] = ..., transfer: _Optional[_Union[TransferEndpoint, _Mapping]] = ..., num_kv_blocks: _Optional[int] = ..., node_id: _Optional[str] = ..., started_at_ms: _Optional[int] = ..., draining: _Optional[bool] = ...) -> None: ...
+    metrics_url: str
+    def __init__(self, worker_id: _Optional[str] = ..., role: _Optional[_Union[Role, str]] = ..., address: _Optional[str] = ..., protocol_version: _Optional[int] = ..., model: _Optional[_Union[ModelIdentity, _Mapping]] = ..., kv_layout: _Optional[_Union[KVLayout, _Mapping]] = ..., transfer: _Optional[_Union[TransferEndpoint, _Mapping]] = ..., num_kv_blocks: _Optional[int] = ..., node_id: _Optional[str] = ..., started_at_ms: _Optional[int] = ..., draining: _Optional[bool] = ..., metrics_url: _Optional[str] = ...) -> None: ...
 
 class KVDestination(_message.Message):
     __slots__ = ("worker_id", "transfer_id", "first_block_index", "block_ids")

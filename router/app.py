@@ -111,6 +111,13 @@ def create_app(config: GatewayConfig, *, router: Any = None) -> FastAPI:
     async def metrics() -> Response:
         return Response(gateway.metrics.render(), media_type=METRICS_CONTENT_TYPE)
 
+    @app.get("/metrics/targets", dependencies=[Depends(authenticate)])
+    async def metrics_targets() -> list[dict[str, Any]]:
+        """Prometheus HTTP service discovery (``http_sd_configs``): every registered
+        worker's metrics endpoint, labelled with its id and role. Guarded by the API key:
+        it names internal addresses."""
+        return gateway.metrics_targets()
+
     return app
 
 

@@ -28,6 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import grpc
 
@@ -206,6 +207,18 @@ class Gateway:
         if not any(w.role in DECODE_ROLES for w in routable):
             routable = live  # a suspect worker beats none: its call fails or it recovered
         self.router.update_workers(routable)
+
+    def metrics_targets(self) -> list[dict[str, Any]]:
+        """The workers' Prometheus endpoints in ``http_sd_configs`` form."""
+        out = []
+        for w in sorted(self.workers.values(), key=lambda w: w.worker_id):
+            if not w.metrics_url:
+                continue
+            url = urlsplit(w.metrics_url)
+            out.append({"targets": [url.netloc], "labels": {
+                "__metrics_path__": url.path or "/metrics", "worker_id": w.worker_id,
+                "role": pb.Role.Name(w.role).lower(), "draining": str(w.draining).lower()}})
+        return out
 
     def mark_unavailable(self, worker_id: str) -> None:
         """A worker refused a call (UNAVAILABLE): route around it for a while."""

@@ -316,3 +316,21 @@ def test_overload_answers_503_with_retry_after(cluster):
     assert cluster.wait_all_free()
     out = cluster.client(url).completions.create(model=cluster.model, prompt=SHORT, max_tokens=1)
     assert out.usage.completion_tokens == 1
+
+
+def test_metrics_targets_serve_prometheus_discovery(cluster):
+    """GET /metrics/targets lists every worker's metrics endpoint (http_sd_configs form);
+    each one scrapes, and names the worker it belongs to."""
+    targets = httpx.get(cluster.url + "/metrics/targets").json()
+    by_id = {t["labels"]["worker_id"]: t for t in targets}
+    assert sorted(by_id) == ["d0", "p0"]
+    assert by_id["p0"]["labels"]["role"] == "prefill" and by_id["d0"]["labels"]["role"] == "decode"
+    for wid, t in by_id.items():
+        (netloc,) = t["targets"]
+        body = httpx.get(f"http://{netloc}{t['labels']['__metrics_path__']}").text
+        assert f'worker_id="{wid}"' in body and "pdserve_kv_blocks_total" in body
+    # It names internal addresses: behind the API key when one is set.
+    guarded = cluster.gateway(api_key="k3y")
+    assert httpx.get(guarded + "/metrics/targets").status_code == 401
+    ok = httpx.get(guarded + "/metrics/targets", headers={"Authorization": "Bearer k3y"})
+    assert ok.status_code == 200 and len(ok.json()) == 2
