@@ -45,7 +45,6 @@ class Activity(grpc.aio.ServerInterceptor):
 
     def __init__(self) -> None:
         self.num_inflight = 0
-        self.last_started_at = 0.0
         self.is_closed = False
         self._idle = asyncio.Event()
         self._idle.set()
@@ -63,7 +62,6 @@ class Activity(grpc.aio.ServerInterceptor):
 
     def _begin(self) -> None:
         self.num_inflight += 1
-        self.last_started_at = time.monotonic()
         self._idle.clear()
 
     def _end(self) -> None:

@@ -22,6 +22,7 @@ import time
 
 import grpc
 
+from pdserve.proto import convert
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 
@@ -85,6 +86,21 @@ class WorkerProcess:
     def stats(self, timeout_s: float = 10.0) -> pb.StatsResponse:
         return _STUBS[self.role](self.channel).Stats(pb.StatsRequest(), timeout=timeout_s)
 
+    def generate(self, request_id: str, prompt_token_ids: list[int], params, prefill_worker_id: str = "",
+                 timeout_s: float = 60.0) -> tuple[list[int], pb.GenerateResponse | None]:
+        """One ``Decode.Generate`` call straight to this (decode) worker: every token it
+        streamed, and the message that carried the finish reason (None if none did).
+        ``params`` is an engine ``SamplingParams``."""
+        req = pb.GenerateRequest(request_id=request_id, prompt_token_ids=prompt_token_ids,
+                                 sampling_params=convert.sampling_message(params),
+                                 prefill_worker_id=prefill_worker_id)
+        tokens, final = [], None
+        for msg in pb_grpc.DecodeStub(self.channel).Generate(req, timeout=timeout_s):
+            tokens.extend(msg.token_ids)
+            if msg.finish_reason:
+                final = msg
+        return tokens, final
+
     def all_free(self) -> bool:
         """Every KV block back in the pool and nothing running or waiting."""
         s = self.stats()
@@ -108,3 +124,13 @@ class WorkerProcess:
                 self.proc.kill()
                 self.proc.wait()
         self.log.close()
+
+
+def wait_all_free(workers: list[WorkerProcess], timeout_s: float = 10.0) -> bool:
+    """True once every worker has all its KV blocks back and nothing running or waiting."""
+    deadline = time.monotonic() + timeout_s
+    while not all(w.all_free() for w in workers):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True

@@ -54,14 +54,7 @@ def cluster(request, hf_model_dir):
 
 
 def generate(d: Worker, rid: str, prompt, params: SamplingParams, prefill="p0", timeout=60):
-    req = pb.GenerateRequest(request_id=rid, prompt_token_ids=prompt, sampling_params=convert.sampling_message(params),
-                             prefill_worker_id=prefill)
-    tokens, final = [], None
-    for msg in pb_grpc.DecodeStub(d.channel).Generate(req, timeout=timeout):
-        tokens.extend(msg.token_ids)
-        if msg.finish_reason:
-            final = msg
-    return tokens, final
+    return d.generate(rid, prompt, params, prefill, timeout)
 
 
 def test_greedy_equals_single_engine_concurrently(cluster):

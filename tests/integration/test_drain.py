@@ -22,12 +22,11 @@ import time
 import httpx
 import pytest
 
-from pdserve.deploy.processes import WorkerProcess
+from pdserve.deploy.processes import WorkerProcess, wait_all_free
 from pdserve.deploy.store.embedded import ControlPlaneServer
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.tiny_model import make_tiny_model
-from pdserve.proto import convert
 from pdserve.proto import pdserve_pb2 as pb
-from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.router.app import ServerThread, create_app
 from pdserve.router.gateway import GatewayConfig
 
@@ -79,15 +78,9 @@ def complete(url: str, prompt: list[int], max_tokens: int) -> dict:
 
 def generate(worker: WorkerProcess, prompt: list[int], prefill_worker_id: str = "", max_tokens: int = 8) -> list[int]:
     """Greedy tokens straight from a decode worker's Generate (no gateway)."""
-    from pdserve.engine.sampling_params import SamplingParams
-
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    req = pb.GenerateRequest(request_id=f"r{time.monotonic_ns()}", prompt_token_ids=prompt,
-                             sampling_params=convert.sampling_message(params), prefill_worker_id=prefill_worker_id)
-    tokens: list[int] = []
-    for msg in pb_grpc.DecodeStub(worker.channel).Generate(req, timeout=60):
-        assert msg.finish_reason not in (pb.ABORT, pb.ERROR), msg.error.message
-        tokens += msg.token_ids
+    tokens, final = worker.generate(f"r{time.monotonic_ns()}", prompt, params, prefill_worker_id)
+    assert final is not None and final.finish_reason == pb.LENGTH, final
     return tokens
 
 
@@ -98,10 +91,6 @@ def wait_until(predicate, timeout_s: float = 20.0) -> bool:
             return True
         time.sleep(0.05)
     return False
-
-
-def all_free(workers) -> bool:
-    return wait_until(lambda: all(w.all_free() for w in workers), 10.0)
 
 
 def test_drained_decode_worker_finishes_its_stream_then_leaves(deployment):
@@ -141,7 +130,7 @@ def test_drained_decode_worker_finishes_its_stream_then_leaves(deployment):
     # Both streams ran to the end: 200 tokens each, a finish reason, [DONE].
     finishes = [ln for ln in received if '"finish_reason":"length"' in ln]
     assert len(finishes) == 2 and received.count("data: [DONE]") == 2
-    assert all_free([d1, workers["p0"]])
+    assert wait_all_free([d1, workers["p0"]])
 
 
 def test_decode_worker_prefills_locally_when_the_prefill_worker_left(deployment):
@@ -161,7 +150,7 @@ def test_decode_worker_prefills_locally_when_the_prefill_worker_left(deployment)
     assert store.store.get_worker("p0") is not None
     assert generate(d0, list(range(700, 760)), "p0") == generate(d0, list(range(700, 760)), "")
     assert d0.stats().local_prefill_fallbacks == before + 2
-    assert all_free([d0, workers["d1"]])
+    assert wait_all_free([d0, workers["d1"]])
 
 
 def test_gateway_routes_again_when_a_decode_worker_refuses(deployment):
@@ -175,4 +164,4 @@ def test_gateway_routes_again_when_a_decode_worker_refuses(deployment):
     retries = sum(float(ln.split()[-1]) for ln in metrics.splitlines()
                   if ln.startswith("pdserve_gateway_generate_retries_total"))
     assert retries >= 1
-    assert all_free([d1, workers["p0"]])
+    assert wait_all_free([d1, workers["p0"]])

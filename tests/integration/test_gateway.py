@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 
-from pdserve.deploy.processes import WorkerProcess
+from pdserve.deploy.processes import WorkerProcess, wait_all_free
 from pdserve.deploy.store.embedded import ControlPlaneServer
 from pdserve.engine import LLM, SamplingParams
 from pdserve.engine.tiny_model import make_tiny_model
@@ -62,12 +62,7 @@ class Cluster:
         return openai.OpenAI(base_url=(url or self.url) + "/v1", api_key=api_key, max_retries=0, timeout=60)
 
     def wait_all_free(self, timeout=10.0) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.d.all_free() and self.p.all_free():
-                return True
-            time.sleep(0.1)
-        return False
+        return wait_all_free([self.d, self.p], timeout)
 
     def stop(self):
         for srv in self._servers:

@@ -18,7 +18,7 @@ import time
 import httpx
 import pytest
 
-from pdserve.deploy.processes import WorkerProcess
+from pdserve.deploy.processes import WorkerProcess, wait_all_free
 from pdserve.deploy.store.embedded import ControlPlaneServer
 from pdserve.engine.tiny_model import make_tiny_model
 from pdserve.loadtest import LoadTestConfig, run_loadtest
@@ -37,10 +37,7 @@ class Deployment:
         self.model_dir, self.url, self.workers = model_dir, url, workers
 
     def wait_all_free(self, timeout_s: float = 15.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while not all(w.all_free() for w in self.workers):
-            assert time.monotonic() < deadline, [str(w.stats()) for w in self.workers]
-            time.sleep(0.1)
+        assert wait_all_free(self.workers, timeout_s), [str(w.stats()) for w in self.workers]
 
 
 @pytest.fixture(scope="module")

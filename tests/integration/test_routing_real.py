@@ -27,7 +27,7 @@ import time
 import httpx
 import pytest
 
-from pdserve.deploy.processes import WorkerProcess
+from pdserve.deploy.processes import WorkerProcess, wait_all_free
 from pdserve.deploy.store.embedded import ControlPlaneServer
 from pdserve.engine.tiny_model import make_tiny_model
 from pdserve.router.app import ServerThread, create_app
@@ -54,15 +54,6 @@ def Worker(role: str, model_dir, store_url: str, worker_id: str, num_blocks: int
 def start_all(workers: list[Worker]) -> None:
     for w in workers:  # processes start concurrently; wait for each in turn
         w.wait_ready()
-
-
-def wait_all_free(workers: list[Worker], timeout=10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if all(w.all_free() for w in workers):
-            return True
-        time.sleep(0.1)
-    return False
 
 
 def workload() -> list[list[int]]:

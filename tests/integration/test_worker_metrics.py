@@ -22,9 +22,7 @@ import hf_reference as H
 from pdserve.deploy.processes import WorkerProcess
 from pdserve.deploy.store.embedded import ControlPlaneServer
 from pdserve.engine import SamplingParams
-from pdserve.proto import convert
 from pdserve.proto import pdserve_pb2 as pb
-from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 
 pytestmark = pytest.mark.integration
 
@@ -77,14 +75,7 @@ def cluster(hf_model_dir):
 
 
 def generate(d: Worker, rid: str, prompt, params: SamplingParams, prefill="p0", timeout=60):
-    req = pb.GenerateRequest(request_id=rid, prompt_token_ids=prompt, sampling_params=convert.sampling_message(params),
-                             prefill_worker_id=prefill)
-    tokens, final = [], None
-    for msg in pb_grpc.DecodeStub(d.channel).Generate(req, timeout=timeout):
-        tokens.extend(msg.token_ids)
-        if msg.finish_reason:
-            final = msg
-    return tokens, final
+    return d.generate(rid, prompt, params, prefill, timeout)
 
 
 def test_metrics_follow_a_remote_prefill(cluster):
