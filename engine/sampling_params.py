@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import operator
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 # Bounds that keep one request from monopolising a worker.
@@ -9,6 +12,10 @@ MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
+MAX_LOGIT_BIAS = 1024
+"""Entries of ``logit_bias`` (OpenAI documents no count; a bound keeps the per-step work bounded)."""
+MAX_TOKEN_ID_LIST = 4096
+"""Entries of ``allowed_token_ids`` / ``banned_token_ids``."""
 
 
 @dataclass(frozen=True)
@@ -37,6 +44,21 @@ class SamplingParams:
     skip_special_tokens: bool = True
     cache_salt: str | None = None
     """Separates prefix-cache entries between tenants."""
+    presence_penalty: float = 0.0
+    """vLLM/OpenAI: subtracted from the logit of every token already generated, in [-2, 2]."""
+    frequency_penalty: float = 0.0
+    """vLLM/OpenAI: subtracted once per earlier occurrence in the output, in [-2, 2]."""
+    repetition_penalty: float = 1.0
+    """vLLM (CTRL): logits of tokens in the prompt or output are divided by it when positive,
+    multiplied when negative; > 0, 1 disables."""
+    logit_bias: Mapping[int, float] | None = None
+    """Token id -> value in [-100, 100] added to its logit before sampling (and before greedy)."""
+    min_tokens: int = 0
+    """EOS and ``stop_token_ids`` cannot be sampled before this many output tokens."""
+    allowed_token_ids: tuple[int, ...] | None = None
+    """Only these tokens can be sampled (None: all)."""
+    banned_token_ids: tuple[int, ...] = ()
+    """These tokens can never be sampled."""
 
     def __post_init__(self) -> None:
         try:
@@ -72,6 +94,23 @@ class SamplingParams:
         for t in self.stop_token_ids:
             if not isinstance(t, int) or t < 0:
                 raise ValueError(f"stop_token_ids must be non-negative integers, got {t!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not -2.0 <= v <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {v!r}")
+        rp = self.repetition_penalty
+        if isinstance(rp, bool) or not isinstance(rp, (int, float)) or not (rp > 0.0 and math.isfinite(rp)):
+            raise ValueError(f"repetition_penalty must be > 0, got {rp!r}")
+        if not isinstance(self.min_tokens, int) or isinstance(self.min_tokens, bool) or self.min_tokens < 0:
+            raise ValueError(f"min_tokens must be an integer >= 0, got {self.min_tokens!r}")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens ({self.min_tokens}) must not exceed max_tokens ({self.max_tokens})")
+        object.__setattr__(self, "logit_bias", _bias_map(self.logit_bias))
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", _id_tuple(self.allowed_token_ids, "allowed_token_ids"))
+            if not self.allowed_token_ids:
+                raise ValueError("allowed_token_ids must not be empty")
+        object.__setattr__(self, "banned_token_ids", _id_tuple(self.banned_token_ids, "banned_token_ids"))
 
     @property
     def is_greedy(self) -> bool:
@@ -80,3 +119,55 @@ class SamplingParams:
     @property
     def effective_top_k(self) -> int:
         return 0 if self.top_k in (-1, 0) else self.top_k
+
+    @property
+    def has_penalties(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
+
+    @property
+    def has_logits_processors(self) -> bool:
+        """Anything that changes logits before sampling (the engine may add a grammar on top)."""
+        return bool(
+            self.has_penalties or self.logit_bias or self.min_tokens or self.allowed_token_ids is not None
+            or self.banned_token_ids
+        )
+
+    def token_ids_used(self) -> list[int]:
+        """Every token id the parameters name (the engine checks them against the vocabulary)."""
+        return [*self.stop_token_ids, *(self.logit_bias or ()), *(self.allowed_token_ids or ()), *self.banned_token_ids]
+
+
+def _bias_map(bias) -> dict[int, float] | None:
+    if not bias:
+        return None
+    if not isinstance(bias, Mapping):
+        raise ValueError(f"logit_bias must be a mapping of token id to bias, got {bias!r:.100}")
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias has {len(bias)} entries; at most {MAX_LOGIT_BIAS}")
+    out = {}
+    for k, v in bias.items():
+        try:
+            tok = operator.index(k)
+        except TypeError:
+            raise ValueError(f"logit_bias keys must be token ids, got {k!r}") from None
+        if tok < 0:
+            raise ValueError(f"logit_bias token id must be >= 0, got {tok}")
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100.0 <= v <= 100.0:
+            raise ValueError(f"logit_bias values must be in [-100, 100], got {v!r} for token {tok}")
+        out[tok] = float(v)
+    return out
+
+
+def _id_tuple(ids, name: str) -> tuple[int, ...]:
+    if isinstance(ids, (str, bytes)):
+        raise ValueError(f"{name} must be a list of token ids, got {ids!r:.100}")
+    try:
+        out = tuple(operator.index(t) for t in ids)
+    except TypeError:
+        raise ValueError(f"{name} must be a list of integer token ids, got {ids!r:.100}") from None
+    if len(out) > MAX_TOKEN_ID_LIST:
+        raise ValueError(f"{name} has {len(out)} entries; at most {MAX_TOKEN_ID_LIST}")
+    bad = next((t for t in out if t < 0), None)
+    if bad is not None:
+        raise ValueError(f"{name} must hold non-negative token ids, got {bad}")
+    return out
