@@ -21,6 +21,7 @@ from .model_runner import kv_block_bytes, order_for_step, prepare_inputs
 from .outputs import CompletionDelta, CompletionOutput, RequestOutput
 from .parallel import TPGroup
 from .request import Request, RequestStatus
+from .rng import wrap_seed
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import RemotePrefill, Scheduler
@@ -74,11 +75,11 @@ class LLMEngine:
         self.num_blocks = num_blocks
         self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
         self.scheduler = Scheduler(config.scheduler, self.kv)
-        self.sampler = Sampler(config.seed)
         eos = set(config.model.eos_token_ids)
         if tokenizer is not None:
             eos |= tokenizer.eos_token_ids
         self.eos_token_ids = frozenset(eos)
+        self.sampler = Sampler(config.seed, vocab_size=config.model.vocab_size, eos_token_ids=self.eos_token_ids)
         self._completions: dict[str, _Completion] = {}
         self._groups: dict[str, list[str]] = {}
         self._remote_prefills: list[RemotePrefill] = []
@@ -116,10 +117,8 @@ class LLMEngine:
         bs = self.config.cache.block_size
         reqs = []
         for i, rid in enumerate(rids):
-            req = Request(rid, list(prompt_ids), params, bs)
-            if i and params.seed is not None:
-                req.generator.manual_seed(params.seed + i * 1_000_003)
-            reqs.append(req)
+            seed = None if params.seed is None else params.seed + i * 1_000_003
+            reqs.append(Request(rid, list(prompt_ids), params, bs, seed=None if seed is None else wrap_seed(seed)))
         reqs[0].remote_prefill = remote_prefill  # siblings fork from it once the KV is in
         self.scheduler.add_request(reqs[0], reqs[1:])
         for i, req in enumerate(reqs):
@@ -134,9 +133,12 @@ class LLMEngine:
         bad = next((t for t in prompt_ids if not isinstance(t, int) or not 0 <= t < vocab), None)
         if bad is not None:
             raise ValueError(f"token id {bad!r} is outside the vocabulary [0, {vocab})")
-        bad = next((t for t in p.stop_token_ids if t >= vocab), None)
-        if bad is not None:
-            raise ValueError(f"stop token id {bad} is outside the vocabulary [0, {vocab})")
+        for name in ("stop_token_ids", "logit_bias", "allowed_token_ids", "banned_token_ids"):
+            bad = next((t for t in getattr(p, name) or () if t >= vocab), None)
+            if bad is not None:
+                raise ValueError(f"{name}: token id {bad} is outside the vocabulary [0, {vocab})")
+        if p.allowed_token_ids is not None and set(p.allowed_token_ids) <= set(p.banned_token_ids):
+            raise ValueError("allowed_token_ids are all in banned_token_ids: no token could be sampled")
         total = len(prompt_ids) + p.max_tokens
         if total > self.config.context_len:
             raise ValueError(
@@ -152,9 +154,9 @@ class LLMEngine:
     def add_prefill_only(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Prefill side: compute the prompt, sample its first token with ``params`` (seed
         included), and hold the blocks after finishing until ``release(request_id)``."""
-        first_only = dataclasses.replace(
-            params, n=1, max_tokens=1, ignore_eos=True, stop=(), stop_token_ids=()
-        )
+        # The first token goes through the same processors as on decode: min_tokens still
+        # blocks EOS and stop_token_ids at position 0, penalties see the same prompt.
+        first_only = dataclasses.replace(params, n=1, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=())
         self.add_request(request_id, prompt_token_ids, first_only)
         self.scheduler.requests[request_id].hold_blocks = True
 
@@ -175,11 +177,8 @@ class LLMEngine:
     ) -> CompletionDelta:
         """The prefill worker wrote the prompt's KV and sampled ``first_token_id``: decode on."""
         req = self.scheduler.complete_remote_prefill(request_id)
-        p = req.sampling_params
-        if req.generator is not None and not p.is_greedy:
-            # The prefill worker drew this request's first noise vector; draw it here too so
-            # the seeded stream continues exactly as in a single engine.
-            torch.empty(self.config.model.vocab_size).exponential_(generator=req.generator)
+        # NOTE: draws are a function of (seed, output position), so the seeded stream goes on
+        # from position 1 exactly as in a single engine, with no state to carry over.
         return self._append(req, first_token_id, logprobs)
 
     def prefill_locally(self, request_id: str) -> None:
@@ -249,8 +248,18 @@ class LLMEngine:
         self.scheduler.update_after_step(sched)
         deltas = []
         for i, req in enumerate(sampling):
-            deltas.append(self._append(req, sampled.token_ids[i], sampled.logprobs[i]))
+            token_id = sampled.token_ids[i]
+            if token_id < 0:
+                deltas.append(self._fail(req, "no token can be sampled: the logits processors masked every token"))
+            else:
+                deltas.append(self._append(req, token_id, sampled.logprobs[i]))
         return deltas
+
+    def _fail(self, req: Request, error: str) -> CompletionDelta:
+        comp = self._completions[req.request_id]
+        comp.output.finish_reason = "error"
+        self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_ERROR)
+        return CompletionDelta(req.request_id, comp.output.index, [], "", None, "error", error)
 
     def _append(self, req: Request, token_id: int, logprobs: dict[int, float] | None) -> CompletionDelta:
         comp = self._completions[req.request_id]

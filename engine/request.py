@@ -5,11 +5,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from .hashing import ROOT_HASH, hash_block
+from .rng import wrap_seed
 from .sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from .logits_processors import TokenConstraint
 
 
 class RequestStatus(enum.Enum):
@@ -42,8 +45,13 @@ class Request:
     num_cached_tokens: int = 0
     """Prompt tokens served by the prefix cache at (latest) admission."""
     num_preemptions: int = 0
-    generator: torch.Generator | None = None
-    """Per-request RNG when the request has a seed."""
+    seed: int | None = None
+    """The seed its draws use (``rng.uniforms(seed, position)``): the params' seed, offset
+    for n > 1 siblings; None draws from the sampler's own stream."""
+    constraint: TokenConstraint | None = None
+    """A grammar or other per-token constraint, applied as a bitmask before sampling."""
+    logits_state: Any = None
+    """The logits processors' per-request state (built on the first step that needs it)."""
     logprobs: list[dict[int, float]] = field(default_factory=list)
     siblings: list["Request"] = field(default_factory=list)
     """For n > 1: the other completions, forked from this one once its prompt is computed."""
@@ -56,8 +64,8 @@ class Request:
     def __post_init__(self) -> None:
         salt = self.sampling_params.cache_salt
         self._extra_keys = salt.encode() if salt else b""
-        if self.sampling_params.seed is not None:
-            self.generator = torch.Generator().manual_seed(self.sampling_params.seed)
+        if self.seed is None and self.sampling_params.seed is not None:
+            self.seed = wrap_seed(self.sampling_params.seed)
         self.update_block_hashes()
 
     @property

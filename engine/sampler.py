@@ -1,97 +1,344 @@
-"""Turn a batch of next-token logits into tokens, one request per row.
+"""Turn a batch of next-token logits into tokens, one request per row, on the logits' device.
 
-Sampling draws ``argmax(p / E)`` with ``E ~ Exp(1)`` per vocabulary entry, which
-picks token i with probability p_i. Each seeded request draws its noise from its
-own generator, in the same amount every step, so its output does not depend on
-what else is in the batch. Logprobs are of the model's raw distribution (before
-temperature and filters).
+Order per step: raw logprobs (if asked) -> logits processors (``logits_processors.py``)
+-> greedy rows take the argmax -> sampled rows: temperature, then top-k, top-p and
+min-p, then one draw from what is left. Nothing sorts a whole vocabulary row.
+
+How a sampled row is drawn (all rows at once, in torch, on any device):
+
+1. ``e = exp((x - max) / T)`` into a reused workspace: ``e_i = p_i / p_max``, so min-p
+   is the threshold ``e >= min_p``. The vocabulary is cut into chunks of ``CHUNK``
+   tokens; one pass each gives every chunk's max and sum (``Z`` is their total).
+2. **Window.** The ``WINDOW_CHUNKS`` chunks with the largest maxima are gathered and
+   sorted (a few hundred values). Every token outside them is at most ``mu``, the
+   next chunk's max. Top-k, top-p (cumulative mass over ``Z``, or over the top-k mass)
+   and min-p each give a threshold in that sorted window; when the strictest one is
+   above ``mu`` the row's whole support lies in the window, and the token is drawn
+   there by inverse CDF. This is exact, and it is the common case for a trained model.
+3. **Wide rows** (a flat distribution: the support reaches past the window). A row
+   with a top-k too large for the window takes ``torch.topk`` of k. Otherwise the row is
+   drawn by rejection: draw from ``{e >= min_p, e > pivot}`` by inverse CDF over the
+   chunk sums, then within the chunk; accept if the mass strictly above the drawn token
+   is below ``top_p * Z`` (then it is in the nucleus); else the drawn value becomes the
+   pivot and the row draws again. The nucleus is an upper set, so every token it holds
+   stays in the drawing set and the accepted draw has exactly the nucleus distribution;
+   a draw is accepted with probability >= top_p. After ``MAX_ROUNDS`` a row falls back
+   to one full sort.
+
+Ties: top-k and top-p keep every token equal to the threshold value.
+
+Randomness comes from ``rng.uniforms(seed, position)``: a request's draws at output
+position j depend only on its seed and j, never on the batch or the device. A request
+without a seed gets one from this sampler's own seeded stream on each call.
 """
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import torch
 
+from . import rng
+from .logits_processors import LogitsProcessors
 from .request import Request
+
+CHUNK = 64
+"""Tokens per chunk of the vocabulary (chunk max and sum are the coarse index)."""
+WINDOW_CHUNKS = 16
+"""Chunks gathered and sorted per row: the window holds CHUNK * WINDOW_CHUNKS tokens."""
+MAX_ROUNDS = 8
+"""Rejection rounds for wide rows before one exact sort."""
 
 
 @dataclass
 class SamplerOutput:
     token_ids: list[int]
+    """-1 where every token was masked out (the processors left nothing to sample)."""
     logprobs: list[dict[int, float] | None]
 
 
 class Sampler:
-    def __init__(self, seed: int = 0) -> None:
-        self.generator = torch.Generator().manual_seed(seed)
+    def __init__(self, seed: int = 0, *, vocab_size: int | None = None, eos_token_ids=()) -> None:
+        self._seeds = random.Random(seed)
+        self._vocab_size = vocab_size
+        self._eos = tuple(eos_token_ids)
+        self._processors: LogitsProcessors | None = None
+        self._workspace: torch.Tensor | None = None
+
+    def processors(self, vocab_size: int) -> LogitsProcessors:
+        if self._processors is None or self._processors.vocab_size != vocab_size:
+            self._processors = LogitsProcessors(self._vocab_size or vocab_size, self._eos)
+        return self._processors
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
-        """logits: [B, V] (any float dtype), one row per request."""
-        logits = logits.float()
+        """logits: [B, V] (any float dtype, any device), one row per request."""
+        if logits.dtype != torch.float32:
+            logits = logits.float()
+        device = logits.device
         params = [r.sampling_params for r in requests]
         logprobs = self._logprobs(logits, params)
-        tokens = logits.argmax(dim=-1)
-        sample_rows = [i for i, p in enumerate(params) if not p.is_greedy]
-        if sample_rows:
-            rows = torch.tensor(sample_rows, device=logits.device)
-            # NOTE: sampling runs on the CPU even when the model is on a GPU: the seeded
-            # per-request generators (and so the noise streams) live there, which keeps
-            # a seed's tokens the same on every device and batch.
-            sampled = self._sample(logits[rows].cpu(), [requests[i] for i in sample_rows])
-            tokens[rows] = sampled.to(tokens.device)
+        processed = [LogitsProcessors.needed(r) for r in requests]
+        greedy = [p.is_greedy for p in params]
+        plain = [i for i, (g, q) in enumerate(zip(greedy, processed)) if g and not q]
+        if len(plain) == len(requests):
+            tokens = logits.argmax(dim=-1)
+        else:
+            tokens = torch.empty(len(requests), dtype=torch.int64, device=device)
+            if plain:
+                index = torch.tensor(plain, device=device)
+                tokens[index] = logits[index].argmax(dim=-1)
+        # Greedy rows with processors: argmax of their processed copy.
+        rows = [i for i, (g, q) in enumerate(zip(greedy, processed)) if g and q]
+        if rows:
+            index = torch.tensor(rows, device=device)
+            sub = logits[index]
+            self.processors(logits.shape[1]).apply(sub, [requests[i] for i in rows])
+            tokens[index] = _argmax_or_dead(sub)
+        rows = [i for i, g in enumerate(greedy) if not g]
+        if rows:
+            tokens[torch.tensor(rows, device=device)] = self._sample(
+                logits, rows, [requests[i] for i in rows], [processed[i] for i in rows])
         token_list = tokens.tolist()
-        for i, lp in enumerate(logprobs):
-            if lp is not None and token_list[i] not in lp:
-                lp[token_list[i]] = _raw_logprob(logits[i], token_list[i])
+        self._add_sampled_logprobs(logits, logprobs, token_list)
         return SamplerOutput(token_list, logprobs)
+
+    # -- logprobs (of the raw model distribution) ----------------------------------------
 
     @staticmethod
     def _logprobs(logits: torch.Tensor, params) -> list[dict[int, float] | None]:
         want = [i for i, p in enumerate(params) if p.logprobs is not None]
         out: list[dict[int, float] | None] = [None] * len(params)
-        if not want:
+        k = max((params[i].logprobs for i in want), default=0)
+        if not want or k == 0:
+            for i in want:
+                out[i] = {}
             return out
-        lp = torch.log_softmax(logits[want], dim=-1)
-        k = max(params[i].logprobs for i in want)
-        top_vals, top_ids = lp.topk(max(k, 1), dim=-1)
+        index = torch.tensor(want, device=logits.device)
+        top_vals, top_ids = torch.log_softmax(logits[index], dim=-1).topk(k, dim=-1)
+        top_vals, top_ids = top_vals.tolist(), top_ids.tolist()
         for row, i in enumerate(want):
             n = params[i].logprobs
-            out[i] = dict(zip(top_ids[row, :n].tolist(), top_vals[row, :n].tolist()))
+            out[i] = dict(zip(top_ids[row][:n], top_vals[row][:n]))
         return out
 
-    def _sample(self, logits: torch.Tensor, requests: list[Request]) -> torch.Tensor:
+    @staticmethod
+    def _add_sampled_logprobs(logits: torch.Tensor, logprobs: list, tokens: list[int]) -> None:
+        missing = [i for i, lp in enumerate(logprobs) if lp is not None and tokens[i] >= 0 and tokens[i] not in lp]
+        if not missing:
+            return
+        index = torch.tensor(missing, device=logits.device)
+        rows = logits[index]
+        picked = rows.gather(1, torch.tensor([tokens[i] for i in missing], device=logits.device).unsqueeze(1))
+        values = (picked.squeeze(1) - torch.logsumexp(rows, dim=-1)).tolist()
+        for i, v in zip(missing, values):
+            logprobs[i][tokens[i]] = v
+
+    # -- sampled rows ----------------------------------------------------------------------
+
+    def _workspace_for(self, rows: int, width: int, device: torch.device) -> torch.Tensor:
+        ws = self._workspace
+        if ws is None or ws.device != device or ws.shape[0] < rows or ws.shape[1] != width:
+            ws = self._workspace = torch.empty(max(rows, ws.shape[0] if ws is not None and ws.shape[1] == width else 0),
+                                               width, dtype=torch.float32, device=device)
+        return ws[:rows]
+
+    def _sample(self, logits: torch.Tensor, rows: list[int], requests: list[Request], processed: list[bool]) -> torch.Tensor:
+        device = logits.device
+        num_rows, vocab = len(rows), logits.shape[1]
         params = [r.sampling_params for r in requests]
-        temps = torch.tensor([p.temperature for p in params]).unsqueeze(1)
-        logits = logits / temps
-        top_ks = [p.effective_top_k for p in params]
-        top_ps = [p.top_p for p in params]
-        if any(top_ks) or any(p < 1.0 for p in top_ps):
-            logits = _apply_top_k_top_p(logits, top_ks, top_ps)
-        probs = torch.softmax(logits, dim=-1)
-        min_ps = torch.tensor([p.min_p for p in params])
-        if bool((min_ps > 0).any()):
-            threshold = probs.max(dim=-1, keepdim=True).values * min_ps.unsqueeze(1)
-            probs = probs.masked_fill(probs < threshold, 0.0)
-        noise = torch.empty_like(probs)
-        for row, req in enumerate(requests):
-            noise[row].exponential_(generator=req.generator or self.generator)
-        return (probs / noise).argmax(dim=-1)
+        num_chunks = -(-vocab // CHUNK)
+        ws = self._workspace_for(num_rows, num_chunks * CHUNK, device)
+        ws[:, vocab:] = float("-inf")
+        inv_t = torch.tensor([1.0 / p.temperature for p in params], dtype=torch.float32, device=device)
+        src = logits if num_rows == logits.shape[0] else logits[torch.tensor(rows, device=device)]
+        torch.mul(src, inv_t.unsqueeze(1), out=ws[:, :vocab])
+        if any(processed):
+            sub = [i for i, q in enumerate(processed) if q]
+            if len(sub) == num_rows:
+                self.processors(vocab).apply(ws[:, :vocab], requests, inv_t)
+            else:
+                index = torch.tensor(sub, device=device)
+                part = ws[index]
+                self.processors(vocab).apply(part[:, :vocab], [requests[i] for i in sub], inv_t[index])
+                ws.index_copy_(0, index, part)
+
+        chunks = ws.view(num_rows, num_chunks, CHUNK)
+        chunk_max = chunks.amax(-1)  # [R, NC]
+        row_max = chunk_max.amax(-1, keepdim=True)
+        dead = torch.isinf(row_max).squeeze(1) & (row_max.squeeze(1) < 0)
+        row_max = row_max.masked_fill(~torch.isfinite(row_max), 0.0)
+        ws.sub_(row_max).exp_()  # e = p / p_max; padding and masked tokens become 0
+        chunk_max = (chunk_max - row_max).exp_()
+        chunk_sum = chunks.sum(-1).double()
+        total = chunk_sum.sum(-1)
+
+        seeds = torch.tensor([self._seed_of(r) for r in requests], dtype=torch.int64, device=device)
+        positions = torch.tensor([len(r.output_token_ids) for r in requests], dtype=torch.int64, device=device)
+        u = rng.uniforms(seeds, positions, MAX_ROUNDS + 1)
+        top_k = torch.tensor([p.effective_top_k for p in params], dtype=torch.int64, device=device)
+        top_p = torch.tensor([p.top_p for p in params], dtype=torch.float64, device=device)
+        min_p = torch.tensor([p.min_p for p in params], dtype=torch.float32, device=device)
+
+        out = torch.empty(num_rows, dtype=torch.int64, device=device)
+        # Plain temperature rows: one draw over the chunk sums. Which path a row takes depends
+        # on its own parameters and logits only, so its draws never depend on the batch.
+        plain = [i for i, p in enumerate(params) if not (p.effective_top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0)]
+        if len(plain) == num_rows:
+            out.copy_(_inverse_cdf(ws, chunk_sum, u[:, 0])[0])
+            out[dead] = -1
+            return out
+        if plain:
+            plain_index = torch.tensor(plain, device=device)
+            out[plain_index] = _inverse_cdf(ws[plain_index], chunk_sum[plain_index], u[plain_index, 0])[0]
+        num_win = min(num_chunks, WINDOW_CHUNKS)
+        best = chunk_max.topk(min(num_chunks, num_win + 1), dim=-1)
+        mu = best.values[:, num_win] if num_win < num_chunks else torch.full((num_rows,), -1.0, device=device)
+        index = best.indices[:, :num_win]
+        window = chunks.gather(1, index.unsqueeze(-1).expand(-1, -1, CHUNK)).view(num_rows, -1)
+        ids = (index.unsqueeze(-1) * CHUNK + torch.arange(CHUNK, device=device)).view(num_rows, -1)
+        vals, order = window.sort(dim=-1, descending=True)
+        ok, token = _resolve(vals, ids.gather(1, order), mu, total, top_k, top_p, min_p, u[:, 0])
+        if plain:
+            ok[plain_index] = True
+            token[plain_index] = out[plain_index]
+        out.copy_(token)
+
+        wide = (~ok).nonzero().squeeze(1).tolist()
+        if wide:
+            big_k = [i for i in wide if params[i].effective_top_k > 0]
+            if big_k:
+                index = torch.tensor(big_k, device=device)
+                k = max(params[i].effective_top_k for i in big_k)
+                vals, ids = ws[index].topk(min(k, vocab), dim=-1)
+                _, token = _resolve(vals, ids, torch.full((len(big_k),), -1.0, device=device), total[index],
+                                    top_k[index], top_p[index], min_p[index], u[index, 0])
+                out[index] = token
+            rest = [i for i in wide if params[i].effective_top_k == 0]
+            if rest:
+                index = torch.tensor(rest, device=device)
+                e = ws if len(rest) == num_rows else ws[index]
+                out[index] = _draw_by_rejection(
+                    e, chunk_sum[index], total[index], top_p[index], min_p[index], u[index, 1:])
+        out[dead] = -1
+        return out
+
+    def _seed_of(self, req: Request) -> int:
+        return req.seed if req.seed is not None else rng.wrap_seed(self._seeds.getrandbits(64))
 
 
-def _apply_top_k_top_p(logits: torch.Tensor, top_ks: list[int], top_ps: list[float]) -> torch.Tensor:
-    vocab = logits.shape[-1]
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    ranks = torch.arange(vocab).unsqueeze(0)
-    ks = torch.tensor([k if k > 0 else vocab for k in top_ks]).unsqueeze(1)
-    drop = ranks >= ks
-    probs = torch.softmax(sorted_logits.masked_fill(drop, float("-inf")), dim=-1)
-    # Drop a token when the tokens ranked above it already reach top_p (the first always stays).
-    mass_before = probs.cumsum(dim=-1) - probs
-    drop |= mass_before >= torch.tensor(top_ps).unsqueeze(1)
-    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
-    return torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+def _argmax_or_dead(x: torch.Tensor) -> torch.Tensor:
+    best = x.argmax(dim=-1)
+    dead = torch.isneginf(x.amax(dim=-1))
+    return best.masked_fill(dead, -1)
 
 
-def _raw_logprob(logits_row: torch.Tensor, token_id: int) -> float:
-    return float(torch.log_softmax(logits_row, dim=-1)[token_id])
+def _resolve(vals: torch.Tensor, ids: torch.Tensor, mu: torch.Tensor, total: torch.Tensor, top_k: torch.Tensor,
+             top_p: torch.Tensor, min_p: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Thresholds and one draw inside a sorted candidate window.
+
+    vals [R, W] e-values sorted descending with their token ids; every token outside
+    the window has e <= mu. Returns (resolved [R] bool, token [R]): resolved rows have
+    their whole support inside the window, and their token is exact.
+    """
+    num_rows, width = vals.shape
+    v64 = vals.double()
+    has_k = top_k > 0
+    k_index = (top_k.clamp(1, width) - 1).unsqueeze(1)
+    t_k = torch.where(has_k, vals.gather(1, k_index).squeeze(1), torch.zeros_like(mu))
+    k_ok = ~has_k | ((top_k <= width) & (t_k > mu))
+    in_k = vals >= t_k.unsqueeze(1)
+    mass_k = torch.where(has_k, (v64 * in_k).sum(-1), total)
+    cum = v64.cumsum(-1)
+    goal = (top_p * mass_k).unsqueeze(1)
+    num_p = ((cum - v64 < goal) & in_k).sum(-1).clamp(min=1)
+    t_p = vals.gather(1, (num_p - 1).unsqueeze(1)).squeeze(1)
+    p_found = (top_p < 1.0) & (cum.gather(1, (num_p - 1).unsqueeze(1)).squeeze(1) >= goal.squeeze(1)) & (t_p > mu)
+    threshold = torch.maximum(torch.maximum(t_k, min_p), torch.where(p_found, t_p, torch.zeros_like(t_p)))
+    ok = k_ok & (threshold > mu)
+    weights = v64 * (vals >= threshold.unsqueeze(1))
+    cdf = weights.cumsum(-1)
+    target = (u * cdf[:, -1]).unsqueeze(1)
+    pick = torch.searchsorted(cdf, target, right=True).clamp(max=width - 1)
+    return ok, ids.gather(1, pick).squeeze(1)
+
+
+def _draw_by_rejection(e: torch.Tensor, chunk_sum: torch.Tensor, total: torch.Tensor, top_p: torch.Tensor,
+                       min_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Exact draws for rows whose support is wider than the window (no top-k).
+
+    e [R, NC * CHUNK] with e = p / p_max (padding 0). Support = nucleus(top_p) ∩ {e >= min_p}.
+    """
+    num_rows, width = e.shape
+    device = e.device
+    num_chunks = width // CHUNK
+    out = torch.full((num_rows,), -1, dtype=torch.int64, device=device)
+    active = torch.arange(num_rows, device=device)
+    pivot = torch.full((num_rows,), -1.0, device=device)
+    for rnd in range(u.shape[1]):
+        rows = e if active.numel() == num_rows and rnd == 0 else e[active]
+        floor_lo, floor_pivot = min_p[active], pivot[active]
+        if rnd == 0 and not bool((min_p > 0).any()):
+            masked, sums = rows, chunk_sum[active]
+        else:
+            masked = torch.where((rows >= floor_lo.unsqueeze(1)) & (rows > floor_pivot.unsqueeze(1)), rows, 0.0)
+            sums = masked.view(-1, num_chunks, CHUNK).sum(-1).double()
+        token, value = _inverse_cdf(masked, sums, u[active, rnd])
+        if not bool((top_p[active] < 1.0).any()):
+            accept = torch.ones_like(value, dtype=torch.bool)
+        elif rnd + 1 < u.shape[1]:
+            above = _mass_above(rows, value).double()
+            accept = (top_p[active] >= 1.0) | (above < top_p[active] * total[active])
+        else:  # out of rounds: settle the rest exactly
+            accept = torch.zeros_like(value, dtype=torch.bool)
+            token = _draw_by_sort(rows, total[active], top_p[active], min_p[active], u[active, rnd])
+            accept[:] = True
+        out[active[accept]] = token[accept]
+        pivot[active[~accept]] = value[~accept]
+        active = active[~accept]
+        if active.numel() == 0:
+            break
+    return out
+
+
+def _mass_above(e: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """float32 [R]: sum of the entries of each row strictly greater than ``value`` [R]."""
+    above = torch.gt(e, value.unsqueeze(1))
+    return torch.mul(e, above, out=torch.empty_like(e) if e.numel() < 1 << 20 else _scratch(e)).sum(-1)
+
+
+_SCRATCH: dict = {}
+
+
+def _scratch(like: torch.Tensor) -> torch.Tensor:
+    """A reused buffer shaped like ``like`` (large per-step temporaries cost page faults)."""
+    key = (like.device, like.dtype)
+    buf = _SCRATCH.get(key)
+    if buf is None or buf.numel() < like.numel():
+        buf = _SCRATCH[key] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
+    return buf[: like.numel()].view(like.shape)
+
+
+def _inverse_cdf(e: torch.Tensor, chunk_sum: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """One draw per row from weights ``e`` [R, NC * CHUNK] with their chunk sums: the chunk
+    first, then the token inside it. Returns (token ids, their e values)."""
+    num_rows = e.shape[0]
+    cdf = chunk_sum.cumsum(-1)
+    target = u * cdf[:, -1]
+    chunk = torch.searchsorted(cdf, target.unsqueeze(1), right=True).clamp(max=cdf.shape[1] - 1)
+    before = torch.where(chunk > 0, cdf.gather(1, (chunk - 1).clamp(min=0)), torch.zeros_like(cdf[:, :1]))
+    inside = e.view(num_rows, -1, CHUNK).gather(1, chunk.unsqueeze(-1).expand(-1, -1, CHUNK)).squeeze(1).double()
+    cw = inside.cumsum(-1)
+    # float32 chunk sums vs this float64 cumsum may differ in the last bits: stay inside.
+    rest = torch.minimum(target.unsqueeze(1) - before, cw[:, -1:] * (1 - 1e-12))
+    j = torch.searchsorted(cw, rest, right=True).clamp(max=CHUNK - 1)
+    token = chunk.squeeze(1) * CHUNK + j.squeeze(1)
+    return token, e.gather(1, token.unsqueeze(1)).squeeze(1)
+
+
+def _draw_by_sort(e: torch.Tensor, total: torch.Tensor, top_p: torch.Tensor, min_p: torch.Tensor,
+                  u: torch.Tensor) -> torch.Tensor:
+    vals, ids = e.sort(dim=-1, descending=True)
+    none = torch.zeros_like(top_p, dtype=torch.int64)
+    _, token = _resolve(vals, ids, torch.full_like(min_p, -1.0), total, none, top_p, min_p, u)
+    return token

@@ -103,13 +103,15 @@ def test_normalisation():
 
 
 def test_seed_range_leaves_room_for_sibling_offsets():
-    # The engine seeds sibling i with seed + i * 1_000_003; that must stay a valid torch seed.
+    # The engine seeds sibling i with seed + i * 1_000_003, wrapped to 64 bits for the generator.
     import torch
 
+    from pdserve.engine import rng
     from pdserve.engine.request import Request
 
     for seed in (2**63 - 1, -(2**63)):
         p = SamplingParams(seed=seed, n=MAX_N)
-        r = Request("r", [1], p, 4)
-        r.generator.manual_seed(seed + (MAX_N - 1) * 1_000_003)
-        assert isinstance(r.generator, torch.Generator)
+        r = Request("r", [1], p, 4, seed=rng.wrap_seed(seed + (MAX_N - 1) * 1_000_003))
+        assert -(2**63) <= r.seed < 2**63
+        u = rng.uniforms(torch.tensor([r.seed]), torch.tensor([0]), 4)
+        assert bool(((u >= 0) & (u < 1)).all())
