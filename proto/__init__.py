@@ -5,4 +5,6 @@ Generated modules are checked in (`pdserve_pb2`, `pdserve_pb2_grpc`); regenerate
 registers: a mismatch is refused instead of failing per request.
 """
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: SamplingParams gained penalties, logit_bias, min_tokens and allowed/banned token ids
+(a version-1 worker would silently ignore them)."""

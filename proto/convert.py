@@ -30,6 +30,13 @@ def sampling_kwargs(msg: pb.SamplingParams) -> dict[str, Any]:
         logprobs=msg.logprobs if msg.HasField("logprobs") else None,
         skip_special_tokens=msg.skip_special_tokens,
         cache_salt=msg.cache_salt or None,
+        presence_penalty=msg.presence_penalty,
+        frequency_penalty=msg.frequency_penalty,
+        repetition_penalty=msg.repetition_penalty if msg.HasField("repetition_penalty") else 1.0,
+        logit_bias=dict(msg.logit_bias) or None,
+        min_tokens=msg.min_tokens,
+        allowed_token_ids=tuple(msg.allowed_token_ids.token_ids) if msg.HasField("allowed_token_ids") else None,
+        banned_token_ids=tuple(msg.banned_token_ids),
     )
 
 
@@ -40,11 +47,16 @@ def sampling_message(params: Any) -> pb.SamplingParams:
         max_tokens=params.max_tokens, stop=list(params.stop), stop_token_ids=list(params.stop_token_ids),
         ignore_eos=params.ignore_eos, skip_special_tokens=params.skip_special_tokens,
         cache_salt=params.cache_salt or "",
+        presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
+        repetition_penalty=params.repetition_penalty, logit_bias=dict(params.logit_bias or {}),
+        min_tokens=params.min_tokens, banned_token_ids=list(params.banned_token_ids),
     )
     if params.seed is not None:
         msg.seed = params.seed
     if params.logprobs is not None:
         msg.logprobs = params.logprobs
+    if params.allowed_token_ids is not None:
+        msg.allowed_token_ids.token_ids.extend(params.allowed_token_ids)
     return msg
 
 

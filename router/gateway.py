@@ -4,7 +4,8 @@ running one API request's Generate calls on the decode workers.
 Flow of one request (design, "One request", steps 1-3):
 
 1. ``encode_prompts`` / ``encode_chat`` turn the validated body into token ids;
-   ``sampling_params`` and ``check_length`` bound everything a worker would refuse.
+   ``sampling_params`` (``sampling.py``) and ``check_length`` bound everything a worker
+   would refuse.
 2. ``generate`` computes each prompt's chained block hashes, asks the router for a
    decode worker (and, when remote prefill pays, a prefill worker), and opens
    ``Decode.Generate`` on that worker with the decision's ``prefill_worker_id``.
@@ -37,6 +38,7 @@ from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 
+from . import sampling
 from .events import EventFollower
 from .metrics import GatewayMetrics
 from .policy import Router
@@ -324,28 +326,10 @@ class Gateway:
     def sampling_params(self, req: Any, *, max_tokens: int, max_tokens_param: str, logprobs: int | None,
                         logprobs_param: str) -> SamplingParams:
         """SamplingParams from a validated body; out-of-range values are 400 naming the param."""
-        n = 1 if req.n is None else req.n
-        if not 1 <= n <= self.config.max_n:
-            raise invalid(f"n must be in [1, {self.config.max_n}], got {n}", param="n")
-        temperature = 1.0 if req.temperature is None else req.temperature
-        if not 0.0 <= temperature <= 2.0:
-            raise invalid(f"temperature must be in [0, 2], got {temperature}", param="temperature")
-        if logprobs is not None and not 0 <= logprobs <= self.config.max_logprobs:
-            raise invalid(f"{logprobs_param} must be in [0, {self.config.max_logprobs}], got {logprobs}",
-                          param=logprobs_param)
-        top_k = req.top_k or 0
-        if top_k >= self.vocab_size:  # keeps every token, like 0; and fits the wire's int32
-            top_k = 0
-        names = {"max_tokens": max_tokens_param, "logprobs": logprobs_param, "at": "stop"}
-        try:
-            return SamplingParams(
-                n=n, temperature=temperature, top_p=1.0 if req.top_p is None else req.top_p,
-                top_k=top_k, min_p=req.min_p or 0.0, seed=req.seed, max_tokens=max_tokens,
-                stop=req.stop or (), ignore_eos=bool(req.ignore_eos), logprobs=logprobs,
-            )
-        except ValueError as e:  # SamplingParams names the field first ("top_p must be in ...")
-            first = str(e).split(" ", 1)[0]
-            raise invalid(str(e), param=names.get(first, first)) from None
+        return sampling.sampling_params(
+            req, vocab_size=self.vocab_size, max_n=self.config.max_n, max_logprobs=self.config.max_logprobs,
+            max_tokens=max_tokens, max_tokens_param=max_tokens_param, logprobs=logprobs,
+            logprobs_param=logprobs_param)
 
     def token_text(self, token_id: int) -> str:
         text = self._token_text.get(token_id)

@@ -5,8 +5,10 @@ number, ``true`` is not an integer). Unknown fields are ignored, because OpenAI
 clients send fields this server does not know; that also means internal fields
 (``prefill_worker_id``, ``request_id``, transfer parameters) can never come from a
 client: no model below has them. Known OpenAI features the workers cannot honour
-(penalties, logit bias, tools, echo, ...) are refused with 400 instead of being
-silently ignored.
+(tools, echo, suffix, non-text response formats, ...) are refused with 400 instead of
+being silently ignored. Sampling fields (OpenAI's penalties and ``logit_bias``, vLLM's
+``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``allowed_token_ids``)
+are only typed here; ``sampling.py`` bounds them and builds the engine's parameters.
 
 Every error leaves the gateway as :class:`APIError`, rendered in OpenAI's envelope
 ``{"error": {"message", "type", "param", "code"}}``.
@@ -70,21 +72,20 @@ class _SamplingRequest(_Model):
     stream_options: StreamOptions | None = None
     ignore_eos: bool | None = False  # vLLM extension, handy for benchmarks
     user: str | None = None  # accepted and ignored
-    # Known to OpenAI, not supported by the workers: refused unless neutral.
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
+    """OpenAI's form: token-id strings to biases ({"50256": -100})."""
+    # vLLM extensions, with vLLM's names and meanings.
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    allowed_token_ids: list[int] | None = None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
     def unsupported(self) -> APIError | None:
-        for name in ("presence_penalty", "frequency_penalty"):
-            if getattr(self, name):
-                return invalid(f"{name} is not supported by this server", param=name)
-        if self.logit_bias:
-            return invalid("logit_bias is not supported by this server", param="logit_bias")
         if self.stream_options is not None and not self.stream:
             return invalid("stream_options is only allowed when stream is true", param="stream_options")
         return None

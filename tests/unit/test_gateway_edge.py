@@ -23,8 +23,9 @@ import uvicorn
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
 from pdserve.deploy.store import ControlPlaneServer
+from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import Tokenizer as EngineTokenizer
-from pdserve.proto import PROTOCOL_VERSION
+from pdserve.proto import PROTOCOL_VERSION, convert
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 from pdserve.router.app import ServerThread, create_app
@@ -227,6 +228,28 @@ def test_top_k_beyond_the_vocabulary_means_no_top_k(cluster, url):
     assert r.status_code == 200 and cluster[0].requests[-1].sampling_params.top_k == 0
 
 
+def test_penalties_bias_and_token_lists_reach_the_worker(cluster, url):
+    fake = cluster[0]
+    extra = {"presence_penalty": 0.5, "frequency_penalty": -1.25, "repetition_penalty": 1.1, "min_tokens": 2,
+             "logit_bias": {"65": -100, "260": 7.5}, "allowed_token_ids": [65, 66, 67]}
+    r = post(url, "/v1/completions", {"model": "fake", "prompt": "x", "max_tokens": 2, **extra})
+    assert r.status_code == 200, r.text
+    got = SamplingParams(**convert.sampling_kwargs(fake.requests[-1].sampling_params))
+    assert got == SamplingParams(max_tokens=2, presence_penalty=0.5, frequency_penalty=-1.25, repetition_penalty=1.1,
+                                 min_tokens=2, logit_bias={65: -100.0, 260: 7.5}, allowed_token_ids=(65, 66, 67))
+    msgs = [{"role": "user", "content": "x"}]
+    r = post(url, "/v1/chat/completions", {"model": "fake", "messages": msgs, "max_completion_tokens": 2, **extra})
+    assert r.status_code == 200, r.text
+    got_chat = SamplingParams(**convert.sampling_kwargs(fake.requests[-1].sampling_params))
+    assert got_chat == got
+    r = post(url, "/v1/completions", {"model": "fake", "prompt": "x", "max_tokens": 1, "presence_penalty": None,
+                                      "logit_bias": None, "repetition_penalty": None, "allowed_token_ids": None})
+    assert r.status_code == 200, r.text
+    sent = fake.requests[-1].sampling_params
+    assert not sent.HasField("allowed_token_ids") and not sent.logit_bias
+    assert not SamplingParams(**convert.sampling_kwargs(sent)).has_logits_processors
+
+
 def test_several_prompts_times_n_choices(url):
     r = post(url, "/v1/completions", {"model": "fake", "prompt": ["a", "b"], "n": 2, "max_tokens": 1})
     body = r.json()
@@ -274,7 +297,14 @@ BAD = [
     ({"model": "fake", "prompt": "x", "stop": ["s"] * 17}, 400, "stop"),
     ({"model": "fake", "prompt": "x", "stop": [""]}, 400, "stop"),
     ({"model": "fake", "prompt": "x", "echo": True}, 400, "echo"),
-    ({"model": "fake", "prompt": "x", "presence_penalty": 0.5}, 400, "presence_penalty"),
+    ({"model": "fake", "prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
+    ({"model": "fake", "prompt": "x", "frequency_penalty": -2.5}, 400, "frequency_penalty"),
+    ({"model": "fake", "prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
+    ({"model": "fake", "prompt": "x", "logit_bias": {"x": 1}}, 400, "logit_bias"),
+    ({"model": "fake", "prompt": "x", "logit_bias": {"261": 1}}, 400, "logit_bias"),
+    ({"model": "fake", "prompt": "x", "logit_bias": {"5": 101}}, 400, "logit_bias"),
+    ({"model": "fake", "prompt": "x", "min_tokens": 17}, 400, "min_tokens"),
+    ({"model": "fake", "prompt": "x", "allowed_token_ids": [261]}, 400, "allowed_token_ids"),
     ({"model": "fake", "prompt": "x", "stream_options": {"include_usage": True}}, 400, "stream_options"),
     ({"model": "fake", "prompt": "x", "max_tokens": CONTEXT_LEN}, 400, "max_tokens"),
     ({"model": "fake", "prompt": "y" * CONTEXT_LEN}, 400, "prompt"),
@@ -296,6 +326,14 @@ BAD_CHAT = [
      "max_completion_tokens"),
     ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400,
      "tools"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "presence_penalty": -2.5}, 400,
+     "presence_penalty"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"1.5": 1}}, 400,
+     "logit_bias"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 2,
+      "min_tokens": 3}, 400, "min_tokens"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "allowed_token_ids": []}, 400,
+     "allowed_token_ids"),
 ]
 
 

@@ -5,7 +5,8 @@ import sys
 
 import pytest
 
-from pdserve.proto import PROTOCOL_VERSION
+from pdserve.engine.sampling_params import SamplingParams
+from pdserve.proto import PROTOCOL_VERSION, convert
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 
@@ -22,7 +23,7 @@ def test_generated_code_is_current():
 
 
 def test_protocol_version_is_a_positive_int():
-    assert isinstance(PROTOCOL_VERSION, int) and PROTOCOL_VERSION >= 1
+    assert isinstance(PROTOCOL_VERSION, int) and PROTOCOL_VERSION >= 2  # 2: penalties, logit_bias, token lists
 
 
 def test_sampling_params_survive_the_wire_exactly():
@@ -30,6 +31,37 @@ def test_sampling_params_survive_the_wire_exactly():
     got = pb.SamplingParams.FromString(sent.SerializeToString())
     assert got.temperature == 0.7 and got.top_p == 0.95 and got.seed == 2**62 and list(got.stop) == ["\n\n"]
     assert not pb.SamplingParams().HasField("seed")  # "no seed" is distinguishable from seed 0
+
+
+ROUND_TRIP = [
+    SamplingParams(),
+    SamplingParams(n=3, temperature=0.7, top_p=0.9, top_k=5, min_p=0.1, seed=-(2**63), max_tokens=40, stop=("a", "bc"),
+                   stop_token_ids=(2, 3), ignore_eos=True, logprobs=0, skip_special_tokens=False, cache_salt="t1",
+                   presence_penalty=-2.0, frequency_penalty=0.1, repetition_penalty=0.85, min_tokens=40,
+                   logit_bias={0: -100.0, 2**32 - 1: 0.1, 7: 0.0}, allowed_token_ids=(5, 1, 5),
+                   banned_token_ids=(9, 0)),
+    SamplingParams(repetition_penalty=1.0, logit_bias={}, allowed_token_ids=(0,)),  # neutral values, one id
+]
+
+
+@pytest.mark.parametrize("params", ROUND_TRIP, ids=["default", "all", "edges"])
+def test_sampling_params_round_trip_exactly(params):
+    msg = pb.SamplingParams.FromString(convert.sampling_message(params).SerializeToString())
+    got = SamplingParams(**convert.sampling_kwargs(msg))
+    assert got == params
+    assert (got.allowed_token_ids is None) == (params.allowed_token_ids is None)  # None is not ()
+    assert got.logit_bias == params.logit_bias  # {} arrives as None, as SamplingParams stores it
+
+
+def test_unset_fields_read_as_the_defaults():
+    """An old sender's message (no new fields) means no penalties, not repetition_penalty 0."""
+    old = pb.SamplingParams(temperature=1.0, top_p=1.0, max_tokens=4, skip_special_tokens=True)
+    got = SamplingParams(**convert.sampling_kwargs(old))
+    assert got == SamplingParams(max_tokens=4) and not got.has_logits_processors
+    empty = pb.SamplingParams(temperature=1.0, top_p=1.0, max_tokens=4)
+    empty.allowed_token_ids.SetInParent()  # set but empty: refused, not "every token"
+    with pytest.raises(ValueError, match="allowed_token_ids"):
+        SamplingParams(**convert.sampling_kwargs(empty))
 
 
 def test_kv_event_oneof():
