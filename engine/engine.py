@@ -239,8 +239,9 @@ class LLMEngine:
                 raise RuntimeError("scheduler made no progress with requests pending (pool too small?)")
             return []
         ordered = order_for_step(sched.scheduled)
-        tables = [self.kv.block_ids(s.request.request_id) for s in ordered]
-        inputs = prepare_inputs(ordered, tables, self.config.cache.block_size)
+        tables = self.kv.tables
+        rows = [tables.row(s.request.request_id) for s in ordered]
+        inputs = prepare_inputs(ordered, tables.array, rows, self.config.cache.block_size)
         logits = self.executor.execute(inputs)
         sampling = [s.request for s in ordered if s.samples]
         sampled = self.sampler(logits, sampling) if sampling else None

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
+
 from .block_pool import BlockPool, KVBlock, KVEvent
 from .request import Request
 
@@ -44,6 +46,8 @@ class KVCacheManager:
         self._blocks: dict[str, list[KVBlock]] = {}
         self._num_cached: dict[str, int] = {}
         """How many leading blocks of each request are already registered in the cache."""
+        self.tables = BlockTables()
+        """Every request's block ids as a row of one persistent array (the step's block tables)."""
 
     # -- queries -------------------------------------------------------------------
 
@@ -51,7 +55,7 @@ class KVCacheManager:
         return KVCacheStats(self.pool.num_blocks, self.pool.num_free_blocks, self.pool.num_cached_blocks)
 
     def block_ids(self, request_id: str) -> list[int]:
-        return [b.block_id for b in self._blocks.get(request_id, ())]
+        return self.tables.block_ids(request_id)
 
     def num_blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
@@ -94,11 +98,14 @@ class KVCacheManager:
         if held is None:
             held = self._blocks[request.request_id] = []
             self._num_cached[request.request_id] = len(hit.blocks)
+        num_before = len(held)
         if hit.blocks:
             self.pool.touch(hit.blocks)
             held.extend(hit.blocks)
         if num_new_blocks > 0:
             held.extend(self.pool.allocate(num_new_blocks))
+        if len(held) > num_before:
+            self.tables.append(request.request_id, [b.block_id for b in held[num_before:]])
         return True
 
     def fork(self, parent: Request, child: Request, num_blocks: int) -> None:
@@ -108,6 +115,7 @@ class KVCacheManager:
             raise ValueError(f"request {child.request_id} already holds blocks")
         self.pool.touch(shared)
         self._blocks[child.request_id] = list(shared)
+        self.tables.append(child.request_id, [b.block_id for b in shared])
         self._num_cached[child.request_id] = min(self._num_cached[parent.request_id], num_blocks)
 
     def cache_computed_blocks(self, request: Request) -> None:
@@ -131,9 +139,56 @@ class KVCacheManager:
         """Release every block of the request (idempotent)."""
         blocks = self._blocks.pop(request.request_id, None)
         self._num_cached.pop(request.request_id, None)
+        self.tables.remove(request.request_id)
         if blocks:
             # Last blocks first: they are the least likely to be shared, so evict them first.
             self.pool.free(reversed(blocks))
 
     def take_events(self) -> list[KVEvent]:
         return self.pool.take_events()
+
+
+class BlockTables:
+    """Block ids of every request holding blocks: a row each of one persistent int32 array.
+
+    Rows are updated as requests grow (only the new ids are written), so a step's block
+    tables are one fancy-index of this array by the batch's rows, never a rebuild from
+    Python lists. Rows and columns grow on demand; a freed row is cleared and reused.
+    """
+
+    def __init__(self, num_rows: int = 64, num_cols: int = 64) -> None:
+        self.array = np.zeros((num_rows, num_cols), dtype=np.int32)
+        self._row: dict[str, int] = {}
+        self._ids: dict[str, list[int]] = {}
+        self._free_rows = list(range(num_rows - 1, -1, -1))
+
+    def row(self, request_id: str) -> int:
+        return self._row[request_id]
+
+    def block_ids(self, request_id: str) -> list[int]:
+        """The request's block ids (the live list: do not modify)."""
+        return self._ids.get(request_id, [])
+
+    def append(self, request_id: str, block_ids: list[int]) -> None:
+        row = self._row.get(request_id)
+        if row is None:
+            if not self._free_rows:
+                n = self.array.shape[0]
+                self.array = np.concatenate([self.array, np.zeros_like(self.array)])
+                self._free_rows = list(range(2 * n - 1, n - 1, -1))
+            row = self._row[request_id] = self._free_rows.pop()
+            self._ids[request_id] = []
+        ids = self._ids[request_id]
+        start, end = len(ids), len(ids) + len(block_ids)
+        if end > self.array.shape[1]:
+            wider = np.zeros((self.array.shape[0], max(end, 2 * self.array.shape[1])), dtype=np.int32)
+            wider[:, : self.array.shape[1]] = self.array
+            self.array = wider
+        self.array[row, start:end] = block_ids
+        ids.extend(block_ids)
+
+    def remove(self, request_id: str) -> None:
+        row = self._row.pop(request_id, None)
+        if row is not None:
+            self.array[row, : len(self._ids.pop(request_id))] = 0
+            self._free_rows.append(row)

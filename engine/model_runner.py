@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from .attention import AttentionBackend, AttentionMetadata, make_attention_backend
@@ -63,47 +64,45 @@ def order_for_step(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
     return [s for s in scheduled if s.num_new_tokens == 1] + [s for s in scheduled if s.num_new_tokens > 1]
 
 
-def prepare_inputs(ordered: list[ScheduledRequest], block_tables: list[list[int]], block_size: int) -> StepInputs:
-    """Build the step's tensors; ``block_tables[i]`` belongs to ``ordered[i]``."""
+def prepare_inputs(ordered: list[ScheduledRequest], tables: np.ndarray, rows: list[int], block_size: int) -> StepInputs:
+    """Build the step's tensors. ``tables`` is the persistent block-table array
+    (``KVCacheManager.tables.array``) and ``rows[i]`` the row of ``ordered[i]``.
+
+    Work per request is O(its new tokens) for the token ids and O(1) otherwise; positions,
+    slots and block tables are computed for the whole step in numpy.
+    """
+    n = len(ordered)
+    num_new = np.fromiter((s.num_new_tokens for s in ordered), np.int64, n)
+    start = np.fromiter((s.request.num_computed_tokens for s in ordered), np.int64, n)
+    rows_np = np.asarray(rows, dtype=np.int64)
+    end = start + num_new
+    cum = np.cumsum(num_new)
+    total = int(cum[-1])
+    positions = np.arange(total, dtype=np.int64) - np.repeat(cum - num_new - start, num_new)
+    token_rows = np.repeat(rows_np, num_new)
+    slots = tables[token_rows, positions // block_size].astype(np.int64) * block_size + positions % block_size
     input_ids: list[int] = []
-    positions: list[int] = []
-    slots: list[int] = []
-    logits_indices: list[int] = []
-    dec_tables, dec_lens, pre_tables, pre_lens = [], [], [], []
-    for s, table in zip(ordered, block_tables):
+    for s in ordered:
         req = s.request
-        start = req.num_computed_tokens
-        end = start + s.num_new_tokens
-        input_ids.extend(req.token_at(start, end))
-        for pos in range(start, end):
-            positions.append(pos)
-            slots.append(table[pos // block_size] * block_size + pos % block_size)
         if s.num_new_tokens == 1:
-            dec_tables.append(table)
-            dec_lens.append(end)
+            input_ids.append(req.token_at_position(req.num_computed_tokens))
         else:
-            pre_tables.append(table)
-            pre_lens.append((s.num_new_tokens, end))
-        if s.samples:
-            logits_indices.append(len(input_ids) - 1)
+            input_ids.extend(req.token_at(req.num_computed_tokens, req.num_computed_tokens + s.num_new_tokens))
+    num_dec = int(np.searchsorted(num_new, 2)) if n and num_new[0] == 1 else 0  # decodes come first
+    blocks_needed = -(-end // block_size)
+    dec_width = int(blocks_needed[:num_dec].max()) if num_dec else 0
+    pre_width = int(blocks_needed[num_dec:].max()) if num_dec < n else 0
+    samples = np.fromiter((s.samples for s in ordered), bool, n)
     return StepInputs(
         input_ids=torch.tensor(input_ids, dtype=torch.long),
-        positions=torch.tensor(positions, dtype=torch.long),
-        slot_mapping=torch.tensor(slots, dtype=torch.long),
-        decode_block_tables=_pad(dec_tables),
-        decode_context_lens=torch.tensor(dec_lens, dtype=torch.long),
-        prefill_lens=torch.tensor(pre_lens, dtype=torch.long).view(-1, 2),
-        prefill_block_tables=_pad(pre_tables),
-        logits_indices=torch.tensor(logits_indices, dtype=torch.long),
+        positions=torch.from_numpy(positions),
+        slot_mapping=torch.from_numpy(slots),
+        decode_block_tables=torch.from_numpy(tables[rows_np[:num_dec], :dec_width].astype(np.int64)),
+        decode_context_lens=torch.from_numpy(end[:num_dec].copy()),
+        prefill_lens=torch.from_numpy(np.stack([num_new[num_dec:], end[num_dec:]], axis=1)).view(-1, 2),
+        prefill_block_tables=torch.from_numpy(tables[rows_np[num_dec:], :pre_width].astype(np.int64)),
+        logits_indices=torch.from_numpy((cum - 1)[samples]),
     )
-
-
-def _pad(tables: list[list[int]]) -> torch.Tensor:
-    width = max((len(t) for t in tables), default=0)
-    out = torch.zeros(len(tables), width, dtype=torch.long)
-    for i, t in enumerate(tables):
-        out[i, : len(t)] = torch.tensor(t, dtype=torch.long)
-    return out
 
 
 def kv_block_bytes(config: EngineConfig, tp: TPGroup) -> int:

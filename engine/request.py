@@ -93,6 +93,10 @@ class Request:
             return self.output_token_ids[start - p : end - p]
         return self.prompt_token_ids[start:] + self.output_token_ids[: end - p]
 
+    def token_at_position(self, position: int) -> int:
+        p = len(self.prompt_token_ids)
+        return self.prompt_token_ids[position] if position < p else self.output_token_ids[position - p]
+
     def append_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)
         if self.num_tokens % self.block_size == 0:
