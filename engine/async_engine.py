@@ -1,9 +1,13 @@
 """An LLMEngine driven by one background thread, for asyncio servers.
 
 Every call into the engine runs on the engine thread (commands are closures queued
-to it), so the engine needs no locks. Deltas go back to per-request asyncio queues
-with ``call_soon_threadsafe``. Requests admitted for remote prefill are handed to
-``on_remote_prefill`` (a coroutine function) on the event loop.
+to it), so the engine needs no locks. Deltas go back to per-request asyncio queues in
+one thread hop per step: the engine thread collects every request's deltas of a loop
+iteration and hands them over with a single ``call_soon_threadsafe`` (one event-loop
+wake-up per step, not one per request). A consumer that lags behind the engine gets
+every step it missed at once, merged into one delta per completion (``coalesce``).
+Requests admitted for remote prefill are handed to ``on_remote_prefill`` (a coroutine
+function) on the event loop.
 """
 
 from __future__ import annotations
@@ -34,10 +38,12 @@ class AsyncEngine:
         self.on_remote_prefill = on_remote_prefill
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}
-        self._prefill_only: set[str] = set()
         """request_id -> queue of the CompletionDelta lists each step produced for it."""
+        self._prefill_only: set[str] = set()
         self._request_of: dict[str, str] = {}
         """Completion id ("{request_id}#{i}" when n > 1) -> request id."""
+        self._outbox: list[tuple[asyncio.Queue, Any]] = []
+        """(stream, item) deliveries made since the last flush (engine thread only)."""
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="pdserve-engine", daemon=True)
         self._thread.start()
@@ -62,10 +68,13 @@ class AsyncEngine:
     async def generate(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams, *, remote_prefill: bool = False
     ) -> AsyncIterator[list[CompletionDelta]]:
-        """Add a request and yield its deltas step by step until every completion finished.
+        """Add a request and yield its deltas until every completion finished.
 
-        Raises ValueError (bad input) before yielding anything. If the consumer stops
-        early (client gone, cancellation), the request is aborted and its blocks freed.
+        Each yield holds at most one delta per completion: everything the engine produced
+        since the consumer last asked, merged in order (one step's worth when the consumer
+        keeps up, several steps' when it lags; see ``coalesce``). Raises ValueError (bad
+        input) before yielding anything. If the consumer stops early (client gone,
+        cancellation), the request is aborted and its blocks freed.
         """
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
@@ -81,6 +90,11 @@ class AsyncEngine:
         try:
             while num_open:
                 deltas = await stream.get()
+                if not stream.empty():  # the consumer lagged: take every step it missed
+                    deltas = list(deltas)
+                    while not stream.empty():
+                        deltas.extend(stream.get_nowait())
+                    deltas = coalesce(deltas)
                 num_open -= sum(1 for d in deltas if d.finish_reason is not None)
                 yield deltas
             finished = True
@@ -163,12 +177,14 @@ class AsyncEngine:
                     cmd = self._commands.get_nowait()
                 except queue.Empty:
                     cmd = None
+            self._flush()  # aborts and completed hops answer now, not after the step
             if self.engine.has_unfinished and not self._only_awaiting_kv():
                 try:
                     self._dispatch(self.engine.step())
                 except Exception as e:  # noqa: BLE001 - a failed step fails its requests, not the server
                     for rid in self.engine.request_ids():
                         self._dispatch(self.engine.abort_request(rid, error=f"engine step failed: {e!r}"))
+                self._flush()
             for rp in self.engine.take_remote_prefills():
                 if self.on_remote_prefill is not None:
                     self.loop.call_soon_threadsafe(_spawn, self.loop, self.on_remote_prefill(rp))
@@ -178,6 +194,7 @@ class AsyncEngine:
         return not s.running and not s.waiting
 
     def _dispatch(self, deltas: list[CompletionDelta]) -> None:
+        """Queue each request's deltas for delivery by the next ``_flush`` (engine thread)."""
         by_request: dict[str, list[CompletionDelta]] = {}
         for d in deltas:
             rid = self._request_of.get(d.request_id, d.request_id)
@@ -190,9 +207,38 @@ class AsyncEngine:
                 # A prefill-only request ends with its first token: forget it here and
                 # hand over the blocks it keeps for the transfer (until ``release``).
                 self.engine.take_finished(rid, [])
-                self.loop.call_soon_threadsafe(stream.put_nowait, (ds, self.engine.block_ids(rid)))
+                self._outbox.append((stream, (ds, self.engine.block_ids(rid))))
             else:
-                self.loop.call_soon_threadsafe(stream.put_nowait, ds)
+                self._outbox.append((stream, ds))
+
+    def _flush(self) -> None:
+        """Hand everything dispatched since the last flush to the event loop in one hop."""
+        if self._outbox:
+            batch, self._outbox = self._outbox, []
+            self.loop.call_soon_threadsafe(_deliver, batch)
+
+
+def coalesce(deltas: list[CompletionDelta]) -> list[CompletionDelta]:
+    """One delta per completion, in order of first appearance: consecutive steps' deltas
+    of a completion merged (token ids, text and logprobs concatenated in order; the
+    finish reason and error of the last, which is the only one that can have them)."""
+    merged: dict[str, CompletionDelta] = {}
+    for d in deltas:
+        prev = merged.get(d.request_id)
+        if prev is None:
+            merged[d.request_id] = d
+            continue
+        logprobs = None if prev.logprobs is None and d.logprobs is None else [*(prev.logprobs or ()), *(d.logprobs or ())]
+        merged[d.request_id] = CompletionDelta(
+            d.request_id, d.index, prev.token_ids + d.token_ids, prev.text + d.text, logprobs,
+            d.finish_reason, d.error or prev.error,
+        )
+    return list(merged.values())
+
+
+def _deliver(batch: list[tuple[asyncio.Queue, Any]]) -> None:
+    for stream, item in batch:
+        stream.put_nowait(item)
 
 
 def _set_result(fut: asyncio.Future, value: Any) -> None:

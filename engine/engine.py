@@ -25,7 +25,8 @@ from .rng import wrap_seed
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import RemotePrefill, Scheduler
-from .tokenizer import IncrementalDetokenizer, StopStringMatcher, Tokenizer
+from .output_processor import CompletionText
+from .tokenizer import Tokenizer
 
 
 @dataclass(frozen=True)
@@ -42,26 +43,13 @@ class EngineStats:
 
 
 class _Completion:
-    """Per-completion output state: detokenizer, stop matching, accumulated result."""
+    """Per-completion output state: the accumulated result and its text."""
 
-    def __init__(self, request: Request, index: int, tokenizer: Tokenizer | None) -> None:
+    def __init__(self, request: Request, index: int, tokenizer: Tokenizer | None, stream: bool) -> None:
         self.request = request
         p = request.sampling_params
         self.output = CompletionOutput(index=index, logprobs=[] if p.logprobs is not None else None)
-        self.detok = IncrementalDetokenizer(tokenizer, request.prompt_token_ids, p.skip_special_tokens) if tokenizer else None
-        self.stop = StopStringMatcher(list(p.stop)) if p.stop else None
-        self.num_emitted_chars = 0
-
-    def take_text(self, finished: bool) -> str:
-        """Text not yet streamed. While running, a tail that could be the start of a stop
-        string is held back, so a stop string is never sent and then retracted."""
-        text = self.output.text
-        end = len(text)
-        if not finished and self.stop is not None:
-            end = max(self.num_emitted_chars, end - self.stop.partial_match_len(text))
-        delta = text[self.num_emitted_chars : end]
-        self.num_emitted_chars = end
-        return delta
+        self.text = CompletionText(tokenizer, request.prompt_token_ids, p.stop, p.skip_special_tokens, stream)
 
 
 class LLMEngine:
@@ -100,12 +88,15 @@ class LLMEngine:
             raise ValueError(f"prompt must be a string or a sequence of integer token ids, got {prompt!r:.100}") from None
 
     def add_request(
-        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, *, remote_prefill: bool = False
+        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, *, remote_prefill: bool = False,
+        stream: bool = True,
     ) -> list[int]:
         """Validate and queue a request; returns its prompt token ids. Raises ValueError on bad input.
 
         With ``remote_prefill`` the request is admitted with blocks for its whole prompt
         and waits for a prefill worker to write them (see ``take_remote_prefills``).
+        Without ``stream`` deltas carry no text: it is decoded once, into the final
+        ``RequestOutput``, unless stop strings need it per token.
         """
         rids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         # Completion ids must not collide either (e.g. "x#0" next to an n > 1 request "x").
@@ -122,7 +113,7 @@ class LLMEngine:
         reqs[0].remote_prefill = remote_prefill  # siblings fork from it once the KV is in
         self.scheduler.add_request(reqs[0], reqs[1:])
         for i, req in enumerate(reqs):
-            self._completions[req.request_id] = _Completion(req, i, self.tokenizer)
+            self._completions[req.request_id] = _Completion(req, i, self.tokenizer, stream)
         self._groups[request_id] = rids
         return prompt_ids
 
@@ -157,7 +148,7 @@ class LLMEngine:
         # The first token goes through the same processors as on decode: min_tokens still
         # blocks EOS and stop_token_ids at position 0, penalties see the same prompt.
         first_only = dataclasses.replace(params, n=1, max_tokens=1, min_tokens=min(params.min_tokens, 1), stop=())
-        self.add_request(request_id, prompt_token_ids, first_only)
+        self.add_request(request_id, prompt_token_ids, first_only, stream=False)
         self.scheduler.requests[request_id].hold_blocks = True
 
     def release(self, request_id: str) -> bool:
@@ -270,27 +261,20 @@ class LLMEngine:
         out.token_ids.append(token_id)
         if logprobs is not None:
             out.logprobs.append(logprobs)
-        new_text = comp.detok.append(token_id) if comp.detok else ""
         reason = None
         if (not p.ignore_eos and token_id in self.eos_token_ids) or token_id in p.stop_token_ids:
             reason, out.stop_reason = "stop", token_id
         elif len(out.token_ids) >= p.max_tokens or req.num_tokens >= self.config.context_len:
             reason = "length"
-        if reason is not None and comp.detok is not None:
-            new_text += comp.detok.flush()  # a held-back split character is final now
-        out.text += new_text
-        if comp.stop is not None and new_text:
-            cut = comp.stop.check(out.text, len(new_text))
-            if cut is not None:
-                reason = "stop"
-                out.stop_reason = next(s for s in p.stop if out.text.startswith(s, cut))
-                out.text = out.text[:cut]
+        if comp.text.append(token_id, reason is not None):
+            reason, out.stop_reason = "stop", comp.text.stop_string
         if reason is not None:
             out.finish_reason = reason
+            out.text = comp.text.final_text(out.token_ids)
             status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
             self.scheduler.finish_request(req.request_id, status)
         return CompletionDelta(
-            req.request_id, out.index, [token_id], comp.take_text(reason is not None),
+            req.request_id, out.index, [token_id], comp.text.take_delta(),
             [logprobs] if logprobs is not None else None, reason,
         )
 

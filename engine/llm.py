@@ -74,7 +74,7 @@ class LLM:
         try:
             for prompt, p in zip(prompts, params):
                 rid = str(next(self._ids))
-                added.append((rid, self.engine.add_request(rid, prompt, p)))
+                added.append((rid, self.engine.add_request(rid, prompt, p, stream=False)))
         except Exception:
             for rid, _ in added:
                 self.engine.abort_request(rid)

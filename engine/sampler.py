@@ -16,8 +16,9 @@ How a sampled row is drawn (all rows at once, in torch, on any device):
    above ``mu`` the row's whole support lies in the window, and the token is drawn
    there by inverse CDF. This is exact, and it is the common case for a trained model.
 3. **Wide rows** (a flat distribution: the support reaches past the window). A row
-   with a top-k too large for the window takes ``torch.topk`` of k. Otherwise the row is
-   drawn by rejection: draw from ``{e >= min_p, e > pivot}`` by inverse CDF over the
+   with a top-k too large for the window takes its k-th value from ``torch.topk`` as a
+   floor (ties kept) and its top-p mass over that floor. Then the row is
+   drawn by rejection: draw from ``{e >= floor, e > pivot}`` by inverse CDF over the
    chunk sums, then within the chunk; accept if the mass strictly above the drawn token
    is below ``top_p * Z`` (then it is in the nucleus); else the drawn value becomes the
    pivot and the row draws again. The nucleus is an upper set, so every token it holds
@@ -206,20 +207,21 @@ class Sampler:
 
         wide = (~ok).nonzero().squeeze(1).tolist()
         if wide:
-            big_k = [i for i in wide if params[i].effective_top_k > 0]
+            index = torch.tensor(wide, device=device)
+            e = ws if len(wide) == num_rows else ws[index]
+            floor, mass = min_p[index], total[index]
+            big_k = [r for r, i in enumerate(wide) if params[i].effective_top_k > 0]
             if big_k:
-                index = torch.tensor(big_k, device=device)
-                k = max(params[i].effective_top_k for i in big_k)
-                vals, ids = ws[index].topk(min(k, vocab), dim=-1)
-                _, token = _resolve(vals, ids, torch.full((len(big_k),), -1.0, device=device), total[index],
-                                    top_k[index], top_p[index], min_p[index], u[index, 0])
-                out[index] = token
-            rest = [i for i in wide if params[i].effective_top_k == 0]
-            if rest:
-                index = torch.tensor(rest, device=device)
-                e = ws if len(rest) == num_rows else ws[index]
-                out[index] = _draw_by_rejection(
-                    e, chunk_sum[index], total[index], top_p[index], min_p[index], u[index, 1:])
+                # Top-k wider than the window: its k-th value becomes a floor (ties kept, as in
+                # the window), and top-p is taken over the mass at or above it.
+                sub = torch.tensor(big_k, device=device)
+                k = top_k[index[sub]].clamp(max=vocab)
+                kth = e[sub].topk(int(k.max()), dim=-1).values.gather(1, (k - 1).unsqueeze(1))
+                floor = floor.clone()
+                floor[sub] = torch.maximum(floor[sub], kth.squeeze(1))
+                mass = mass.clone()
+                mass[sub] = _mass_at_least(e[sub], kth.squeeze(1)).double()
+            out[index] = _draw_by_rejection(e, chunk_sum[index], mass, top_p[index], floor, u[index, 1:])
         out[dead] = -1
         return out
 
@@ -265,9 +267,10 @@ def _resolve(vals: torch.Tensor, ids: torch.Tensor, mu: torch.Tensor, total: tor
 
 def _draw_by_rejection(e: torch.Tensor, chunk_sum: torch.Tensor, total: torch.Tensor, top_p: torch.Tensor,
                        min_p: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
-    """Exact draws for rows whose support is wider than the window (no top-k).
+    """Exact draws for rows whose support is wider than the window.
 
-    e [R, NC * CHUNK] with e = p / p_max (padding 0). Support = nucleus(top_p) ∩ {e >= min_p}.
+    e [R, NC * CHUNK] with e = p / p_max (padding 0). Support = nucleus(top_p over mass
+    ``total``) ∩ {e >= min_p}: ``min_p`` is any floor on e (min-p, or a top-k's k-th value).
     """
     num_rows, width = e.shape
     device = e.device
@@ -299,6 +302,11 @@ def _draw_by_rejection(e: torch.Tensor, chunk_sum: torch.Tensor, total: torch.Te
         if active.numel() == 0:
             break
     return out
+
+
+def _mass_at_least(e: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """float32 [R]: sum of the entries of each row >= ``value`` [R]."""
+    return torch.where(e >= value.unsqueeze(1), e, 0.0).sum(-1)
 
 
 def _mass_above(e: torch.Tensor, value: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,8 @@ MAX_N = 128
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_LEN = 256
+GREEDY_BELOW_TEMPERATURE = 1e-5
+"""Temperatures below this sample greedily."""
 MAX_LOGIT_BIAS = 1024
 """Entries of ``logit_bias`` (OpenAI documents no count; a bound keeps the per-step work bounded)."""
 MAX_TOKEN_ID_LIST = 4096
@@ -114,7 +116,9 @@ class SamplingParams:
 
     @property
     def is_greedy(self) -> bool:
-        return self.temperature == 0.0
+        # Below this, 1 / temperature overflows the sampler's float32 logits; the draw is the
+        # argmax anyway (vLLM uses the same cut).
+        return self.temperature < GREEDY_BELOW_TEMPERATURE
 
     @property
     def effective_top_k(self) -> int:

@@ -353,6 +353,14 @@ class IncrementalDetokenizer:
             self._reanchor(full)
         return delta
 
+    def decode_all(self, output_token_ids: Sequence[int]) -> str:
+        """The whole text of ``output_token_ids`` in one decode call, as the deltas of
+        appending them one by one and flushing would concatenate to (for a detokenizer
+        that has not been appended to)."""
+        full = self._tokenizer.decode(self._ids[self._start :] + list(output_token_ids),
+                                      skip_special_tokens=self._skip_special)
+        return full[self._emitted :]
+
     def flush(self) -> str:
         """Emit any held-back text (call once the sequence is finished)."""
         full = self._decode(self._start)
@@ -414,14 +422,3 @@ class StopStringMatcher:
             if idx != -1 and (best is None or idx < best):
                 best = idx
         return best
-
-    def partial_match_len(self, text: str) -> int:
-        """Length of the longest suffix of ``text`` that is a proper prefix of a
-        stop string: a streaming caller should hold back that many characters."""
-        longest = 0
-        for s in self.stop:
-            for n in range(min(len(s) - 1, len(text)), longest, -1):
-                if text.endswith(s[:n]):
-                    longest = n
-                    break
-        return longest

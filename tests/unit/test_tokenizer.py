@@ -370,14 +370,6 @@ def test_stop_string_earliest_and_tail_only() -> None:
     assert StopStringMatcher([]).check("anything", 3) is None
 
 
-def test_stop_string_partial_match_len() -> None:
-    m = StopStringMatcher(["</answer>", "STOP"])
-    assert m.partial_match_len("text </ans") == 5
-    assert m.partial_match_len("text ST") == 2
-    assert m.partial_match_len("text") == 0
-    assert m.partial_match_len("STOP") == 0  # a full match is check()'s job
-
-
 def test_stop_string_validation() -> None:
     for bad in ("stop", [""], [3], None):
         with pytest.raises(ValueError):
