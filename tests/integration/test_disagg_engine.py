@@ -158,3 +158,75 @@ def test_remote_admission_waits_for_blocks(model_dir):
     pair.run()
     assert len(pair.tokens("1")) == 4
     assert all_free(pair.p) and all_free(pair.d)
+
+
+# -- logits processors through P -> D ----------------------------------------------------
+
+
+def _reference_processors(logits, prompt, output, p, eos_ids):
+    """vLLM's definitions, written out: masks, then logit_bias, then repetition, frequency
+    and presence penalties (counts of output tokens; repetition over prompt and output)."""
+    x = logits.clone()
+    if len(output) < p.min_tokens:
+        for t in set(p.stop_token_ids) | (set() if p.ignore_eos else set(eos_ids)):
+            x[t] = float("-inf")
+    for t, b in (p.logit_bias or {}).items():
+        x[t] += b
+    for t in set(prompt) | set(output):
+        x[t] = x[t] / p.repetition_penalty if x[t] > 0 else x[t] * p.repetition_penalty
+    for t in set(output):
+        x[t] -= p.frequency_penalty * output.count(t) + p.presence_penalty
+    return x
+
+
+PROCESSED = SamplingParams(
+    temperature=0.0, max_tokens=20, min_tokens=6, repetition_penalty=1.3, frequency_penalty=0.4,
+    presence_penalty=0.3, logit_bias={5: 2.0, 17: -3.0, 99: 1.5},
+)
+
+
+def test_processors_greedy_equal_a_reference_on_hf_logits_and_through_p_to_d(model_dir):
+    import torch
+
+    prompts = H.random_prompts(1000, [3, 17, 40], seed=8)
+    eos_ids = set(ModelConfig.from_dir(model_dir).eos_token_ids)
+    hf = H.load_hf_model(model_dir)
+    expected = []
+    for prompt in prompts:
+        out: list[int] = []
+        while len(out) < PROCESSED.max_tokens:
+            with torch.inference_mode():
+                logits = hf(torch.tensor([prompt + out])).logits[0, -1].float()
+            tok = int(_reference_processors(logits, prompt, out, PROCESSED, eos_ids).argmax())
+            out.append(tok)
+            if tok in eos_ids:
+                break
+        expected.append(out)
+    with LLM(model_dir, num_kv_blocks=64) as llm:
+        assert [o.token_ids for o in llm.generate(prompts, PROCESSED)] == expected
+    pair = Pair(model_dir)
+    for i, p in enumerate(prompts):
+        pair.submit(str(i), p, PROCESSED)
+    pair.run()
+    assert [pair.tokens(str(i)) for i in range(len(prompts))] == expected
+    assert all_free(pair.p) and all_free(pair.d)
+
+
+def test_sampled_processors_through_p_to_d_equal_single_engine(model_dir):
+    """Seeded sampling with every processor: the first token (sampled on P, with the same
+    prompt-based penalties and min_tokens) and the rest (on D) equal one engine's."""
+    prompts = H.random_prompts(1000, [9, 33], seed=5)
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=3, n=2, max_tokens=16, min_tokens=4,
+                            repetition_penalty=1.2, presence_penalty=0.5, frequency_penalty=-0.2,
+                            logit_bias={7: 5.0}, banned_token_ids=(1, 2, 3))
+    with LLM(model_dir, num_kv_blocks=64) as llm:
+        ref = llm.generate(prompts, params)
+    pair = Pair(model_dir)
+    for i, p in enumerate(prompts):
+        pair.submit(str(i), p, params)
+    pair.run()
+    for i, r in enumerate(ref):
+        for c in r.outputs:
+            assert pair.tokens(f"{i}#{c.index}", c.index) == c.token_ids
+            assert not {1, 2, 3} & set(c.token_ids)
+    assert all_free(pair.p) and all_free(pair.d)
