@@ -237,6 +237,10 @@ class EngineConfig:
     cuda_graphs: bool | None = None
     """Capture decode-only steps as CUDA graphs at start; None: on for CUDA with the triton
     backend and tensor_parallel_size 1. Needs CUDA and the triton backend."""
+    overlap_output_processing: bool = True
+    """Process the previous step's text (detokenization, stop strings, deltas) while the
+    next forward runs: a thread on the CPU (tensor parallel size 1), the asynchronous
+    launch on CUDA. Streamed deltas then arrive one step later; outputs are identical."""
     cuda_graph_max_len: int = 8192
     """Longest context a captured decode step covers (block tables are padded to it);
     a decode step with a longer context runs eagerly."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import operator
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -74,6 +75,14 @@ class LLMEngine:
         self.last_logits: dict[str, object] = {}
         """Logits rows of the latest step, by request id (for tests and scoring)."""
         self.executor = make_executor(config, num_blocks)
+        self._pending_text: list[tuple[_Completion, int, dict[int, float] | None, str | None]] = []
+        """Tokens appended whose text is not processed yet (see ``step``)."""
+        self._stopped: set[str] = set()
+        """Completions a stop string ended while still scheduled: finished after the step."""
+        self._overlap = config.overlap_output_processing
+        self._forward_thread = None
+        if self._overlap and not config.is_cuda and config.parallel.tensor_parallel_size == 1:
+            self._forward_thread = ThreadPoolExecutor(1, thread_name_prefix="pdserve-forward")
 
     # -- requests ------------------------------------------------------------------
 
@@ -201,7 +210,7 @@ class LLMEngine:
 
     @property
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_unfinished
+        return self.scheduler.has_unfinished or bool(self._pending_text)
 
     def kv_cache_stats(self) -> KVCacheStats:
         return self.kv.stats()
@@ -223,29 +232,55 @@ class LLMEngine:
     # -- the loop ------------------------------------------------------------------
 
     def step(self) -> list[CompletionDelta]:
+        """Schedule -> run -> sample -> append. Returns the deltas that are ready: with
+        streamed text, the text of the previous step's tokens is processed while this
+        step's forward runs (``_forward``), so those deltas come one step later."""
         sched = self.scheduler.schedule()
         self._remote_prefills.extend(sched.remote_prefills)
         if sched.is_empty:
-            if self.scheduler.has_unfinished and not self.scheduler.awaiting_kv:
+            deltas = self._process_text()
+            if not deltas and self.scheduler.has_unfinished and not self.scheduler.awaiting_kv:
                 raise RuntimeError("scheduler made no progress with requests pending (pool too small?)")
-            return []
+            return deltas
         ordered = order_for_step(sched.scheduled)
         tables = self.kv.tables
         rows = [tables.row(s.request.request_id) for s in ordered]
         inputs = prepare_inputs(ordered, tables.array, rows, self.config.cache.block_size)
-        logits = self.executor.execute(inputs)
+        logits, deltas = self._forward(inputs)
         sampling = [s.request for s in ordered if s.samples]
         sampled = self.sampler(logits, sampling) if sampling else None
         self.last_logits = {r.request_id: logits[i] for i, r in enumerate(sampling)}
         self.scheduler.update_after_step(sched)
-        deltas = []
         for i, req in enumerate(sampling):
+            if req.request_id in self._stopped:
+                continue  # a stop string ended it in the previous step's text: drop this token
             token_id = sampled.token_ids[i]
             if token_id < 0:
                 deltas.append(self._fail(req, "no token can be sampled: the logits processors masked every token"))
             else:
-                deltas.append(self._append(req, token_id, sampled.logprobs[i]))
+                self._append_token(req, token_id, sampled.logprobs[i])
+        self._finish_stopped()
+        if not self.scheduler.running or not self._overlap:
+            deltas += self._process_text()  # nothing runs next to hide it behind
+        else:
+            deltas += self._process_text(only_immediate=True)
+        self._finish_stopped()
         return deltas
+
+    def _forward(self, inputs) -> tuple[torch.Tensor, list[CompletionDelta]]:
+        """Run the step's forward and, meanwhile, the previous step's text (a thread on the
+        CPU; on CUDA the launch is asynchronous and the sampler's first read waits)."""
+        if not self._overlap or not self._pending_text:
+            return self.executor.execute(inputs), []
+        if self._forward_thread is None:
+            logits = self.executor.execute(inputs)
+            return logits, self._process_text()
+        future = self._forward_thread.submit(self.executor.execute, inputs)
+        try:
+            deltas = self._process_text()
+        finally:
+            logits = future.result()
+        return logits, deltas
 
     def _fail(self, req: Request, error: str) -> CompletionDelta:
         comp = self._completions[req.request_id]
@@ -254,6 +289,16 @@ class LLMEngine:
         return CompletionDelta(req.request_id, comp.output.index, [], "", None, "error", error)
 
     def _append(self, req: Request, token_id: int, logprobs: dict[int, float] | None) -> CompletionDelta:
+        """Append one token and process its text now (outside the step loop)."""
+        self._append_token(req, token_id, logprobs)
+        item = self._pending_text.pop()  # its own item only: others keep their place
+        (delta,) = self._text_deltas([item])
+        self._finish_stopped()
+        return delta
+
+    def _append_token(self, req: Request, token_id: int, logprobs: dict[int, float] | None) -> None:
+        """The token's part: output ids, EOS / stop ids / length (a finished request's blocks
+        are freed now). Its text is queued for ``_process_text``."""
         comp = self._completions[req.request_id]
         p = req.sampling_params
         req.append_token(token_id)
@@ -266,17 +311,45 @@ class LLMEngine:
             reason, out.stop_reason = "stop", token_id
         elif len(out.token_ids) >= p.max_tokens or req.num_tokens >= self.config.context_len:
             reason = "length"
-        if comp.text.append(token_id, reason is not None):
-            reason, out.stop_reason = "stop", comp.text.stop_string
         if reason is not None:
-            out.finish_reason = reason
-            out.text = comp.text.final_text(out.token_ids)
             status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
             self.scheduler.finish_request(req.request_id, status)
-        return CompletionDelta(
-            req.request_id, out.index, [token_id], comp.text.take_delta(),
-            [logprobs] if logprobs is not None else None, reason,
-        )
+        self._pending_text.append((comp, token_id, logprobs, reason))
+
+    def _process_text(self, only_immediate: bool = False) -> list[CompletionDelta]:
+        """Text, stop strings and the deltas of queued tokens. ``only_immediate``: just the
+        completions with no per-token text work (the rest waits for the next forward)."""
+        if only_immediate:
+            items = [it for it in self._pending_text if not it[0].text.incremental]
+            self._pending_text = [it for it in self._pending_text if it[0].text.incremental]
+        else:
+            items, self._pending_text = self._pending_text, []
+        return self._text_deltas(items)
+
+    def _text_deltas(self, items) -> list[CompletionDelta]:
+        deltas = []
+        for comp, token_id, logprobs, reason in items:
+            out = comp.output
+            rid = comp.request.request_id
+            if out.finish_reason is not None or self._completions.get(rid) is not comp:
+                continue  # aborted, or ended by a stop string in an earlier token
+            if comp.text.append(token_id, reason is not None):
+                if reason is None:
+                    self._stopped.add(rid)
+                reason, out.stop_reason = "stop", comp.text.stop_string
+            if reason is not None:
+                out.finish_reason = reason
+                out.text = comp.text.final_text(out.token_ids)
+            deltas.append(CompletionDelta(
+                rid, out.index, [token_id], comp.text.take_delta(),
+                [logprobs] if logprobs is not None else None, reason,
+            ))
+        return deltas
+
+    def _finish_stopped(self) -> None:
+        for rid in self._stopped:
+            self.scheduler.finish_request(rid, RequestStatus.FINISHED_STOPPED)
+        self._stopped.clear()
 
     # -- results -------------------------------------------------------------------
 
@@ -295,4 +368,6 @@ class LLMEngine:
         )
 
     def shutdown(self) -> None:
+        if self._forward_thread is not None:
+            self._forward_thread.shutdown()
         self.executor.shutdown()

@@ -40,6 +40,7 @@ class LLM:
         attention_backend: str = "auto",
         use_fused_ops: bool | None = None,
         cuda_graphs: bool | None = None,
+        overlap_output_processing: bool = True,
     ) -> None:
         config = EngineConfig(
             model=ModelConfig.from_dir(model),
@@ -53,6 +54,7 @@ class LLM:
             attention_backend=attention_backend,
             use_fused_ops=use_fused_ops,
             cuda_graphs=cuda_graphs,
+            overlap_output_processing=overlap_output_processing,
         )
         self.tokenizer = Tokenizer.from_dir(model)
         self.engine = LLMEngine(config, self.tokenizer)

@@ -570,3 +570,49 @@ def test_kv_events_match_prompt_block_hashes(llm):
     salted_hashes = [h for e in kv.take_events() if isinstance(e, BlockStored) for h in e.block_hashes]
     assert salted_hashes[: len(expected)] == block_hashes(prompt_ids, BLOCK_SIZE, extra_keys=b"tenant-a")
     assert_all_free(llm)
+
+
+# -- output processing next to the forward ----------------------------------------------
+
+
+def _stream(llm: LLM, prompts, params) -> dict[str, tuple[str, list[int], str, object]]:
+    """Run requests through engine.step() with streamed text; per request: the concatenated
+    text deltas, tokens, finish reason and stop reason."""
+    eng = llm.engine
+    text: dict[str, list[str]] = defaultdict(list)
+    ids = []
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        rid = f"s{i}"
+        eng.add_request(rid, prompt, p, stream=True)
+        ids.append(rid)
+    results = {}
+    while eng.has_unfinished:
+        for d in eng.step():
+            text[d.request_id].append(d.text)
+        for rid in ids:
+            if rid not in results:
+                out = eng.take_finished(rid, [])
+                if out is not None:
+                    o = out.outputs[0]
+                    assert "".join(text[rid]) == o.text  # streamed deltas add up to the text
+                    results[rid] = (o.text, o.token_ids, o.finish_reason, o.stop_reason)
+    return results
+
+
+def test_text_next_to_the_forward_is_exact(tiny_model_dir, llm):
+    """With the previous step's text processed during the next forward, a stop string found
+    there drops the token already computed after it: outputs equal the sequential engine's."""
+    base = llm.generate(OTHER_PROMPTS, SamplingParams(temperature=0.0, max_tokens=24))
+    prompts, params = [], []
+    for prompt, b in zip(OTHER_PROMPTS, base):
+        _, stop = _first_new_substring(b.text, 3, len(b.text) // 2)
+        prompts += [prompt, prompt]
+        params += [SamplingParams(temperature=0.0, max_tokens=24, stop=[stop, "never-xyz"]),
+                   SamplingParams(temperature=0.7, seed=5, max_tokens=20)]
+    overlapped = _stream(llm, prompts, params)
+    with _make_llm(tiny_model_dir, overlap_output_processing=False) as sequential:
+        expected = _stream(sequential, prompts, params)
+        assert_all_free(sequential)
+    assert overlapped == expected
+    assert sum(r[2] == "stop" for r in overlapped.values()) >= 3
+    assert_all_free(llm)
