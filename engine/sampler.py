@@ -6,12 +6,13 @@ min-p, then one draw from what is left. Nothing sorts a whole vocabulary row.
 
 How a sampled row is drawn (all rows at once, in torch, on any device):
 
-1. ``e = exp((x - max) / T)`` into a reused workspace: ``e_i = p_i / p_max``, so min-p
-   is the threshold ``e >= min_p``. The vocabulary is cut into chunks of ``CHUNK``
-   tokens; one pass each gives every chunk's max and sum (``Z`` is their total).
-2. **Window.** The ``WINDOW_CHUNKS`` chunks with the largest maxima are gathered and
-   sorted (a few hundred values). Every token outside them is at most ``mu``, the
-   next chunk's max. Top-k, top-p (cumulative mass over ``Z``, or over the top-k mass)
+1. ``e = exp((x - max) / T)`` into a reused workspace (row max, scale-and-shift, exp:
+   three passes): ``e_i = p_i / p_max``, so min-p is the threshold ``e >= min_p``. The
+   vocabulary is cut into chunks of ``CHUNK`` tokens; one more pass gives every chunk's
+   sum (``Z`` is their total). A chunk's sum also bounds every ``e`` inside it.
+2. **Window.** The ``WINDOW_CHUNKS`` chunks with the largest sums are gathered and
+   sorted (a thousand values). Every token outside them is at most ``mu``, the next
+   chunk's sum. Top-k, top-p (cumulative mass over ``Z``, or over the top-k mass)
    and min-p each give a threshold in that sorted window; when the strictest one is
    above ``mu`` the row's whole support lies in the window, and the token is drawn
    there by inverse CDF. This is exact, and it is the common case for a trained model.
@@ -153,8 +154,14 @@ class Sampler:
         ws[:, vocab:] = float("-inf")
         inv_t = torch.tensor([1.0 / p.temperature for p in params], dtype=torch.float32, device=device)
         src = logits if num_rows == logits.shape[0] else logits[torch.tensor(rows, device=device)]
-        torch.mul(src, inv_t.unsqueeze(1), out=ws[:, :vocab])
-        if any(processed):
+        chunks = ws.view(num_rows, num_chunks, CHUNK)
+        if not any(processed):
+            # e = exp((x - max) / T) in three passes: max, scale-and-shift, exp.
+            row_max = src.amax(-1, keepdim=True)
+            torch.addcmul(-(row_max * inv_t.unsqueeze(1)), src, inv_t.unsqueeze(1), out=ws[:, :vocab])
+            dead = torch.zeros(num_rows, dtype=torch.bool, device=device)
+        else:
+            torch.mul(src, inv_t.unsqueeze(1), out=ws[:, :vocab])
             sub = [i for i, q in enumerate(processed) if q]
             if len(sub) == num_rows:
                 self.processors(vocab).apply(ws[:, :vocab], requests, inv_t)
@@ -163,15 +170,12 @@ class Sampler:
                 part = ws[index]
                 self.processors(vocab).apply(part[:, :vocab], [requests[i] for i in sub], inv_t[index])
                 ws.index_copy_(0, index, part)
-
-        chunks = ws.view(num_rows, num_chunks, CHUNK)
-        chunk_max = chunks.amax(-1)  # [R, NC]
-        row_max = chunk_max.amax(-1, keepdim=True)
-        dead = torch.isinf(row_max).squeeze(1) & (row_max.squeeze(1) < 0)
-        row_max = row_max.masked_fill(~torch.isfinite(row_max), 0.0)
-        ws.sub_(row_max).exp_()  # e = p / p_max; padding and masked tokens become 0
-        chunk_max = (chunk_max - row_max).exp_()
-        chunk_sum = chunks.sum(-1).double()
+            row_max = ws.amax(-1, keepdim=True)
+            dead = torch.isneginf(row_max).squeeze(1)
+            ws.sub_(row_max.masked_fill(dead.unsqueeze(1), 0.0))
+        ws.exp_()  # e = p / p_max; padding and masked tokens become 0
+        chunk_sum32 = chunks.sum(-1)  # [R, NC]; also a bound on every e inside the chunk
+        chunk_sum = chunk_sum32.double()
         total = chunk_sum.sum(-1)
 
         seeds = torch.tensor([self._seed_of(r) for r in requests], dtype=torch.int64, device=device)
@@ -193,7 +197,7 @@ class Sampler:
             plain_index = torch.tensor(plain, device=device)
             out[plain_index] = _inverse_cdf(ws[plain_index], chunk_sum[plain_index], u[plain_index, 0])[0]
         num_win = min(num_chunks, WINDOW_CHUNKS)
-        best = chunk_max.topk(min(num_chunks, num_win + 1), dim=-1)
+        best = chunk_sum32.topk(min(num_chunks, num_win + 1), dim=-1)
         mu = best.values[:, num_win] if num_win < num_chunks else torch.full((num_rows,), -1.0, device=device)
         index = best.indices[:, :num_win]
         window = chunks.gather(1, index.unsqueeze(-1).expand(-1, -1, CHUNK)).view(num_rows, -1)
@@ -279,12 +283,15 @@ def _draw_by_rejection(e: torch.Tensor, chunk_sum: torch.Tensor, total: torch.Te
     active = torch.arange(num_rows, device=device)
     pivot = torch.full((num_rows,), -1.0, device=device)
     for rnd in range(u.shape[1]):
-        rows = e if active.numel() == num_rows and rnd == 0 else e[active]
-        floor_lo, floor_pivot = min_p[active], pivot[active]
+        rows = e if rnd == 0 else e[active]
         if rnd == 0 and not bool((min_p > 0).any()):
-            masked, sums = rows, chunk_sum[active]
+            masked, sums = rows, chunk_sum
         else:
-            masked = torch.where((rows >= floor_lo.unsqueeze(1)) & (rows > floor_pivot.unsqueeze(1)), rows, 0.0)
+            # Round 0 has no pivot yet; later rounds hold few rows.
+            keep = rows >= min_p[active].unsqueeze(1)
+            if rnd:
+                keep &= rows > pivot[active].unsqueeze(1)
+            masked = torch.where(keep, rows, _zero(rows), out=_scratch(rows))
             sums = masked.view(-1, num_chunks, CHUNK).sum(-1).double()
         token, value = _inverse_cdf(masked, sums, u[active, rnd])
         if not bool((top_p[active] < 1.0).any()):
@@ -306,21 +313,24 @@ def _draw_by_rejection(e: torch.Tensor, chunk_sum: torch.Tensor, total: torch.Te
 
 def _mass_at_least(e: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """float32 [R]: sum of the entries of each row >= ``value`` [R]."""
-    return torch.where(e >= value.unsqueeze(1), e, 0.0).sum(-1)
+    return torch.where(e >= value.unsqueeze(1), e, _zero(e), out=_scratch(e)).sum(-1)
 
 
 def _mass_above(e: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """float32 [R]: sum of the entries of each row strictly greater than ``value`` [R]."""
-    above = torch.gt(e, value.unsqueeze(1))
-    return torch.mul(e, above, out=torch.empty_like(e) if e.numel() < 1 << 20 else _scratch(e)).sum(-1)
+    return torch.where(e > value.unsqueeze(1), e, _zero(e), out=_scratch(e)).sum(-1)
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    return torch.zeros((), dtype=like.dtype, device=like.device)
 
 
 _SCRATCH: dict = {}
 
 
-def _scratch(like: torch.Tensor) -> torch.Tensor:
+def _scratch(like: torch.Tensor, name: str = "mass") -> torch.Tensor:
     """A reused buffer shaped like ``like`` (large per-step temporaries cost page faults)."""
-    key = (like.device, like.dtype)
+    key = (name, like.device, like.dtype)
     buf = _SCRATCH.get(key)
     if buf is None or buf.numel() < like.numel():
         buf = _SCRATCH[key] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
