@@ -125,6 +125,27 @@ def test_completions_greedy_equals_engine_on_both_prefill_paths(cluster, llm):
     assert cluster.wait_all_free()
 
 
+def test_penalties_bias_and_min_tokens_through_the_gateway_on_both_prefill_paths(cluster, llm):
+    """The openai client's presence/frequency penalties and logit_bias, with vLLM's
+    repetition_penalty and min_tokens, reach the workers (the prefill worker's first token
+    included) and give the engine's own output, seeded sampling too."""
+    client = cluster.client()
+    eos = sorted(llm.engine.eos_token_ids)[0]
+    for prompt in (SHORT, LONG):
+        ids = cluster.tokenizer.encode(prompt)
+        for temperature, seed in ((0.0, None), (0.9, 7)):
+            kw = dict(temperature=temperature, max_tokens=12, presence_penalty=0.6, frequency_penalty=0.4)
+            extra = {"repetition_penalty": 1.3, "min_tokens": 4}
+            bias = {ids[-1]: 3.0, eos: 20.0}  # EOS pushed up: min_tokens must hold it back
+            ref = reference(llm, ids, seed=seed, logit_bias=bias, **kw, **extra)
+            assert 4 <= len(ref.token_ids) < 12  # EOS came right after min_tokens
+            out = client.completions.create(model=cluster.model, prompt=prompt, seed=seed,
+                                            logit_bias={str(k): v for k, v in bias.items()}, extra_body=extra, **kw)
+            assert out.choices[0].text == ref.text and out.choices[0].finish_reason == ref.finish_reason
+            assert out.usage.completion_tokens == len(ref.token_ids)
+    assert cluster.wait_all_free()
+
+
 def test_token_id_prompts_and_several_prompts(cluster, llm):
     ids = [cluster.tokenizer.encode(SHORT), cluster.tokenizer.encode(LONG)]
     refs = [reference(llm, p, temperature=0.0, max_tokens=6, ignore_eos=True).text for p in ids]
