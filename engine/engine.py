@@ -72,8 +72,7 @@ class LLMEngine:
         self._completions: dict[str, _Completion] = {}
         self._groups: dict[str, list[str]] = {}
         self._remote_prefills: list[RemotePrefill] = []
-        self.last_logits: dict[str, object] = {}
-        """Logits rows of the latest step, by request id (for tests and scoring)."""
+        self._last_logits: tuple[torch.Tensor, list[Request]] | None = None
         self.executor = make_executor(config, num_blocks)
         self._pending_text: list[tuple[_Completion, int, dict[int, float] | None, str | None]] = []
         """Tokens appended whose text is not processed yet (see ``step``)."""
@@ -83,6 +82,14 @@ class LLMEngine:
         self._forward_thread = None
         if self._overlap and not config.is_cuda and config.parallel.tensor_parallel_size == 1:
             self._forward_thread = ThreadPoolExecutor(1, thread_name_prefix="pdserve-forward")
+
+    @property
+    def last_logits(self) -> dict[str, torch.Tensor]:
+        """Logits rows of the latest step, by request id (for tests and scoring)."""
+        if self._last_logits is None:
+            return {}
+        logits, sampled = self._last_logits
+        return {r.request_id: logits[i] for i, r in enumerate(sampled)}
 
     # -- requests ------------------------------------------------------------------
 
@@ -249,7 +256,7 @@ class LLMEngine:
         logits, deltas = self._forward(inputs)
         sampling = [s.request for s in ordered if s.samples]
         sampled = self.sampler(logits, sampling) if sampling else None
-        self.last_logits = {r.request_id: logits[i] for i, r in enumerate(sampling)}
+        self._last_logits = (logits, sampling)
         self.scheduler.update_after_step(sched)
         for i, req in enumerate(sampling):
             if req.request_id in self._stopped:

@@ -86,6 +86,8 @@ class KVCacheManager:
         On False nothing changed. ``hit`` is only for a request that holds no blocks yet.
         """
         held = self._blocks.get(request.request_id)
+        if held and not hit.blocks and request.num_computed_tokens + num_new_tokens <= len(held) * self.block_size:
+            return True  # fits the blocks it holds (most decode steps)
         if hit.blocks and held:
             raise ValueError(f"request {request.request_id} already holds blocks")
         num_held = len(held) if held else len(hit.blocks)

@@ -129,7 +129,7 @@ class LogitsProcessors:
 
     @staticmethod
     def needed(req: Request) -> bool:
-        return req.sampling_params.has_logits_processors or req.constraint is not None
+        return req.has_logits_processors or req.constraint is not None
 
     def _state(self, req: Request, device: torch.device) -> _State:
         state = req.logits_state

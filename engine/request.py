@@ -64,6 +64,7 @@ class Request:
     def __post_init__(self) -> None:
         salt = self.sampling_params.cache_salt
         self._extra_keys = salt.encode() if salt else b""
+        self.has_logits_processors = self.sampling_params.has_logits_processors
         if self.seed is None and self.sampling_params.seed is not None:
             self.seed = wrap_seed(self.sampling_params.seed)
         self.update_block_hashes()
