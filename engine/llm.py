@@ -85,8 +85,9 @@ class LLM:
         pending = dict(added)
         try:
             while pending:
-                self.engine.step()
-                for rid in [r for r in pending if r not in results]:
+                # Only requests with a completion that just finished can have a result.
+                ended = {d.request_id.partition("#")[0] for d in self.engine.step() if d.finish_reason is not None}
+                for rid in ended & pending.keys():
                     out = self.engine.take_finished(rid, pending[rid])
                     if out is not None:
                         results[rid] = out
