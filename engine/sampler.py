@@ -10,7 +10,7 @@ How a sampled row is drawn (all rows at once, in torch, on any device):
    three passes): ``e_i = p_i / p_max``, so min-p is the threshold ``e >= min_p``. The
    vocabulary is cut into chunks of ``CHUNK`` tokens; one more pass gives every chunk's
    sum (``Z`` is their total). A chunk's sum also bounds every ``e`` inside it.
-2. **Window.** The ``WINDOW_CHUNKS`` chunks with the largest sums are gathered and
+2. **Window** (vocabularies of ``WINDOW_MIN_VOCAB`` and more). The ``WINDOW_CHUNKS`` chunks with the largest sums are gathered and
    sorted (a thousand values). Every token outside them is at most ``mu``, the next
    chunk's sum. Top-k, top-p (cumulative mass over ``Z``, or over the top-k mass)
    and min-p each give a threshold in that sorted window; when the strictest one is
@@ -49,6 +49,9 @@ CHUNK = 64
 """Tokens per chunk of the vocabulary (chunk max and sum are the coarse index)."""
 WINDOW_CHUNKS = 16
 """Chunks gathered and sorted per row: the window holds CHUNK * WINDOW_CHUNKS tokens."""
+WINDOW_MIN_VOCAB = 16384
+"""Below this vocabulary the window's sort costs more than a rejection pass over the whole
+row, so filtered rows go straight to the rejection draw."""
 MAX_ROUNDS = 8
 """Rejection rounds for wide rows before one exact sort."""
 
@@ -196,14 +199,18 @@ class Sampler:
         if plain:
             plain_index = torch.tensor(plain, device=device)
             out[plain_index] = _inverse_cdf(ws[plain_index], chunk_sum[plain_index], u[plain_index, 0])[0]
-        num_win = min(num_chunks, WINDOW_CHUNKS)
-        best = chunk_sum32.topk(min(num_chunks, num_win + 1), dim=-1)
-        mu = best.values[:, num_win] if num_win < num_chunks else torch.full((num_rows,), -1.0, device=device)
-        index = best.indices[:, :num_win]
-        window = chunks.gather(1, index.unsqueeze(-1).expand(-1, -1, CHUNK)).view(num_rows, -1)
-        ids = (index.unsqueeze(-1) * CHUNK + torch.arange(CHUNK, device=device)).view(num_rows, -1)
-        vals, order = window.sort(dim=-1, descending=True)
-        ok, token = _resolve(vals, ids.gather(1, order), mu, total, top_k, top_p, min_p, u[:, 0])
+        if vocab >= WINDOW_MIN_VOCAB:
+            num_win = min(num_chunks, WINDOW_CHUNKS)
+            best = chunk_sum32.topk(min(num_chunks, num_win + 1), dim=-1)
+            mu = best.values[:, num_win] if num_win < num_chunks else torch.full((num_rows,), -1.0, device=device)
+            index = best.indices[:, :num_win]
+            window = chunks.gather(1, index.unsqueeze(-1).expand(-1, -1, CHUNK)).view(num_rows, -1)
+            ids = (index.unsqueeze(-1) * CHUNK + torch.arange(CHUNK, device=device)).view(num_rows, -1)
+            vals, order = window.sort(dim=-1, descending=True)
+            ok, token = _resolve(vals, ids.gather(1, order), mu, total, top_k, top_p, min_p, u[:, 0])
+        else:
+            ok = torch.zeros(num_rows, dtype=torch.bool, device=device)
+            token = torch.empty(num_rows, dtype=torch.int64, device=device)
         if plain:
             ok[plain_index] = True
             token[plain_index] = out[plain_index]
@@ -288,10 +295,9 @@ def _draw_by_rejection(e: torch.Tensor, chunk_sum: torch.Tensor, total: torch.Te
             masked, sums = rows, chunk_sum
         else:
             # Round 0 has no pivot yet; later rounds hold few rows.
-            keep = rows >= min_p[active].unsqueeze(1)
+            masked = _masked(rows, torch.ge, min_p[active])
             if rnd:
-                keep &= rows > pivot[active].unsqueeze(1)
-            masked = torch.where(keep, rows, _zero(rows), out=_scratch(rows))
+                masked.mul_(rows > pivot[active].unsqueeze(1))
             sums = masked.view(-1, num_chunks, CHUNK).sum(-1).double()
         token, value = _inverse_cdf(masked, sums, u[active, rnd])
         if not bool((top_p[active] < 1.0).any()):
@@ -313,16 +319,21 @@ def _draw_by_rejection(e: torch.Tensor, chunk_sum: torch.Tensor, total: torch.Te
 
 def _mass_at_least(e: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """float32 [R]: sum of the entries of each row >= ``value`` [R]."""
-    return torch.where(e >= value.unsqueeze(1), e, _zero(e), out=_scratch(e)).sum(-1)
+    return _masked(e, torch.ge, value).sum(-1)
 
 
 def _mass_above(e: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
     """float32 [R]: sum of the entries of each row strictly greater than ``value`` [R]."""
-    return torch.where(e > value.unsqueeze(1), e, _zero(e), out=_scratch(e)).sum(-1)
+    return _masked(e, torch.gt, value).sum(-1)
 
 
-def _zero(like: torch.Tensor) -> torch.Tensor:
-    return torch.zeros((), dtype=like.dtype, device=like.device)
+def _masked(e: torch.Tensor, compare, value: torch.Tensor) -> torch.Tensor:
+    """``e`` where ``compare(e, value)`` else 0, in a reused buffer. NOTE: compare into a
+    float buffer, then multiply: on the CPU ``torch.where`` over a vocabulary row is ~4x
+    slower, and a bool mask times a float tensor copies the mask to float first."""
+    out = _scratch(e)
+    compare(e, value.unsqueeze(1), out=out)
+    return out.mul_(e)
 
 
 _SCRATCH: dict = {}

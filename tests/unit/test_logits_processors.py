@@ -12,12 +12,19 @@ import torch
 
 from pdserve.engine.logits_processors import LogitsProcessors, TokenConstraint, apply_token_bitmask, bitmask_words
 from pdserve.engine.request import Request
+from pdserve.engine import sampler as sampler_module
 from pdserve.engine.sampler import Sampler
 from pdserve.engine.sampling_params import SamplingParams
 
 V = 50  # not a multiple of 32: the bitmask's last word is partly past the vocabulary
 EOS = (2,)
 _ids = itertools.count()
+
+
+@pytest.fixture(autouse=True)
+def _window_at_every_vocab(monkeypatch):
+    # These tests use small vocabularies; the window path must be exercised there too.
+    monkeypatch.setattr(sampler_module, "WINDOW_MIN_VOCAB", 0)
 
 
 @pytest.fixture(autouse=True, scope="module")

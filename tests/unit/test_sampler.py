@@ -18,6 +18,12 @@ V = 64
 _ids = itertools.count()
 
 
+@pytest.fixture(autouse=True)
+def _window_at_every_vocab(monkeypatch):
+    # These tests use small vocabularies; the window path must be exercised there too.
+    monkeypatch.setattr(sampler_module, "WINDOW_MIN_VOCAB", 0)
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     # Tiny tensors: extra intra-op threads only add contention on a busy CI box.
@@ -579,3 +585,19 @@ def test_uniforms_are_in_range_deterministic_and_uniform():
     # Neighbouring draws, positions and seeds are uncorrelated.
     for a, b in [(u[:, 0], u[:, 1]), (u[:-1, 0], u[1:, 0]), (u[:-10, 0], u[10:, 0])]:
         assert abs(torch.corrcoef(torch.stack([a, b]))[0, 1].item()) < 0.05
+
+
+def test_small_vocabularies_skip_the_window_and_stay_exact(monkeypatch, paths):
+    """Below WINDOW_MIN_VOCAB every filtered row takes the rejection draw (a pass over a
+    small row is cheaper than sorting the window); the frequencies stay exact."""
+    monkeypatch.setattr(sampler_module, "WINDOW_MIN_VOCAB", 16384)
+    logits = rand_logits(1, vocab=1000, seed=11, scale=2.0)[0]
+    params = dict(temperature=0.8, top_p=0.7, min_p=0.02)
+    counts = torch.zeros(1000)
+    sampler = Sampler(seed=3)
+    for _ in range(10):
+        r = [req(**params) for _ in range(2000)]
+        out = sampler(logits.expand(2000, -1).contiguous(), r)
+        counts += torch.bincount(torch.tensor(out.token_ids), minlength=1000).float()
+    assert paths.rows["window"] == 0 and paths.rows["rejection"] == 20_000
+    assert_frequencies(counts, filtered_probs(logits, **params), min_expected=40.0)
