@@ -199,15 +199,22 @@ class Sampler:
         if plain:
             plain_index = torch.tensor(plain, device=device)
             out[plain_index] = _inverse_cdf(ws[plain_index], chunk_sum[plain_index], u[plain_index, 0])[0]
-        if vocab >= WINDOW_MIN_VOCAB:
+        use_window = vocab >= WINDOW_MIN_VOCAB
+        if use_window:
             num_win = min(num_chunks, WINDOW_CHUNKS)
             best = chunk_sum32.topk(min(num_chunks, num_win + 1), dim=-1)
+            # A top-p-only row whose window holds less than top_p of the mass cannot resolve
+            # there (a flat distribution): it skips the sort, and if every row does, so does all.
+            hopeless = (top_k == 0) & (min_p == 0) & (best.values[:, :num_win].sum(-1).double() < top_p * total)
+            use_window = not bool(hopeless.all())
+        if use_window:
             mu = best.values[:, num_win] if num_win < num_chunks else torch.full((num_rows,), -1.0, device=device)
             index = best.indices[:, :num_win]
             window = chunks.gather(1, index.unsqueeze(-1).expand(-1, -1, CHUNK)).view(num_rows, -1)
             ids = (index.unsqueeze(-1) * CHUNK + torch.arange(CHUNK, device=device)).view(num_rows, -1)
             vals, order = window.sort(dim=-1, descending=True)
             ok, token = _resolve(vals, ids.gather(1, order), mu, total, top_k, top_p, min_p, u[:, 0])
+            ok &= ~hopeless
         else:
             ok = torch.zeros(num_rows, dtype=torch.bool, device=device)
             token = torch.empty(num_rows, dtype=torch.int64, device=device)
