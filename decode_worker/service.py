@@ -112,6 +112,8 @@ class DecodeService(pb_grpc.DecodeServicer):
         try:
             stream = self.aengine.generate(rid, list(request.prompt_token_ids), params, remote_prefill=remote)
             try:
+                # One message per completion per read: when this stream lags behind the
+                # engine (a slow reader), the steps it missed arrive merged (AsyncEngine).
                 async for deltas in stream:
                     for d in deltas:
                         num_tokens[d.index] += len(d.token_ids)

@@ -23,8 +23,6 @@ from .outputs import CompletionDelta
 from .sampling_params import SamplingParams
 from .scheduler import RemotePrefill
 
-_IDLE_WAIT_S = 0.005
-
 
 class AsyncEngine:
     def __init__(
@@ -158,6 +156,7 @@ class AsyncEngine:
 
     def shutdown(self) -> None:
         self._stop.set()
+        self._commands.put(lambda: None)  # wake the thread if it waits for a command
         self._thread.join(timeout=10)
         self.engine.shutdown()
 
@@ -167,8 +166,9 @@ class AsyncEngine:
         while not self._stop.is_set():
             busy = self.engine.has_unfinished and not self._only_awaiting_kv()
             try:
-                # Busy: take what is queued and step. Idle: wait briefly for a command.
-                cmd = self._commands.get(block=not busy, timeout=_IDLE_WAIT_S)
+                # Busy: take what is queued and step. Idle: sleep until a command comes (every
+                # change of the engine's state is one), instead of waking to poll.
+                cmd = self._commands.get(block=not busy)
             except queue.Empty:
                 cmd = None
             while cmd is not None:
@@ -228,7 +228,9 @@ def coalesce(deltas: list[CompletionDelta]) -> list[CompletionDelta]:
         if prev is None:
             merged[d.request_id] = d
             continue
-        logprobs = None if prev.logprobs is None and d.logprobs is None else [*(prev.logprobs or ()), *(d.logprobs or ())]
+        logprobs = None
+        if prev.logprobs is not None or d.logprobs is not None:
+            logprobs = [*(prev.logprobs or ()), *(d.logprobs or ())]
         merged[d.request_id] = CompletionDelta(
             d.request_id, d.index, prev.token_ids + d.token_ids, prev.text + d.text, logprobs,
             d.finish_reason, d.error or prev.error,

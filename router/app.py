@@ -12,7 +12,9 @@ actually read), JSON and types (400), model (404), values and lengths (400), rou
 their headers once the first token (or an error) arrives, so a request that cannot
 start gets a real status code; a failure after that ends the stream with
 ``data: {"error": ...}`` and ``data: [DONE]``. A client that goes away, streaming or
-not, cancels its Generate calls, which frees its KV blocks on every worker.
+not, cancels its Generate calls, which frees its KV blocks on every worker. A stream
+writes whatever arrived since its last write at once: one chunk per choice, the
+choice's deltas merged (``generation.coalesce``), all in one body write.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from starlette.requests import ClientDisconnect
 from pdserve.engine.sampling_params import SamplingParams
 
 from .gateway import Gateway, GatewayConfig
-from .generation import Generation
+from .generation import Generation, coalesce
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .schemas import APIError, ChatCompletionRequest, CompletionRequest, ResponseBuilder, invalid, parse
 
@@ -299,8 +301,12 @@ async def _collect(gen: Generation, builder: ResponseBuilder) -> dict[str, Any]:
     return builder.body(gen.num_prompt_tokens, gen.num_completion_tokens)
 
 
+_encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+"""``json.dumps`` with these options builds a new encoder per call; this is one per process."""
+
+
 def _sse(data: Any) -> bytes:
-    return b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+    return b"data: " + _encode_json(data).encode() + b"\n\n"
 
 
 class _SSEResponse(StreamingResponse):
@@ -317,12 +323,16 @@ class _SSEResponse(StreamingResponse):
     async def _events(self, delta: Any):
         gen, builder = self.gen, self.builder
         try:
-            for chunk in builder.start_chunks():
-                yield _sse(chunk)
+            events = [_sse(chunk) for chunk in builder.start_chunks()]
             while delta is not None:
-                chunk = builder.chunk(delta)
-                if chunk is not None:
-                    yield _sse(chunk)
+                # Everything that arrived while we waited or wrote goes out in one write.
+                for d in coalesce([delta, *gen.ready()]):
+                    chunk = builder.chunk(d)
+                    if chunk is not None:
+                        events.append(_sse(chunk))
+                if events:
+                    yield b"".join(events)
+                    events = []
                 delta = await gen.next()
             if builder.include_usage:
                 yield _sse(builder.usage_chunk(gen.num_prompt_tokens, gen.num_completion_tokens))

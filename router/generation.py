@@ -2,7 +2,10 @@
 
 Closing a :class:`Generation` (finished, failed, or the client went away) cancels
 every gRPC call still open; the decode worker then aborts the request, on the
-prefill worker too, and frees its blocks. Nothing here imports torch.
+prefill worker too, and frees its blocks. A reader that lags (the client reads slowly,
+the event loop is busy) takes everything that arrived at once (``ready``) and writes
+it merged per choice (``coalesce``), so lagging costs fewer writes, not more. Nothing
+here imports torch.
 """
 
 from __future__ import annotations
@@ -42,12 +45,29 @@ class Delta:
     finish_reason: str | None
 
 
+def coalesce(deltas: list[Delta]) -> list[Delta]:
+    """One delta per choice, in order of first appearance: a choice's consecutive deltas
+    merged (token ids, text and logprobs concatenated in order; the finish reason of the
+    last, which is the only one that can have one)."""
+    merged: dict[int, Delta] = {}
+    for d in deltas:
+        prev = merged.get(d.index)
+        if prev is None:
+            merged[d.index] = d
+        else:
+            merged[d.index] = Delta(d.index, prev.token_ids + d.token_ids, prev.text + d.text,
+                                    prev.logprobs + d.logprobs, d.finish_reason)
+    return list(merged.values())
+
+
 class Generation:
     """The Generate calls of one API request, merged into one stream of :class:`Delta`.
 
     ``next()`` returns deltas in arrival order and ``None`` once every choice finished;
-    a worker failure raises :class:`APIError` (and cancels the other calls). Call
-    ``cancel()`` (idempotent) in a ``finally``: it cancels whatever is still open.
+    ``ready()`` returns, without waiting, those that arrived already. A worker failure
+    raises :class:`APIError` from ``next()`` once the deltas before it were taken (and
+    cancels the other calls). Call ``cancel()`` (idempotent) in a ``finally``: it
+    cancels whatever is still open.
     """
 
     def __init__(self, gateway: Gateway, params: SamplingParams, arrival: float) -> None:
@@ -58,6 +78,8 @@ class Generation:
         self.num_prompt_tokens = 0
         self.num_completion_tokens = 0
         self._queue: asyncio.Queue = asyncio.Queue()
+        self._error: APIError | None = None
+        """A failure ``ready()`` took from the queue; ``next()`` raises it."""
         self._calls: list[grpc.aio.UnaryStreamCall] = []
         self._pumps: list[asyncio.Task] = []
         self._decisions: list[tuple[Any, list[int]]] = []
@@ -119,8 +141,9 @@ class Generation:
                     return
                 reason = convert.finish_reason_name(msg.finish_reason)
                 num_finished += reason is not None
-                self._queue.put_nowait(Delta(i * n + msg.index, list(msg.token_ids), msg.text, list(msg.logprobs),
-                                             reason))
+                delta = Delta(i * n + msg.index, list(msg.token_ids), msg.text, list(msg.logprobs), reason)
+                self._observe(delta)  # on arrival, so a reader that lags does not skew the latencies
+                self._queue.put_nowait(delta)
             if num_finished < n:
                 self._queue.put_nowait(APIError(500, f"worker {worker_id} ended the stream early",
                                                 type="server_error", code="generation_failed"))
@@ -171,11 +194,10 @@ class Generation:
 
     async def next(self) -> Delta | None:
         while self._num_open:
-            item = await self._queue.get()
+            item = self._error if self._error is not None else await self._queue.get()
             if isinstance(item, APIError):
                 self.cancel()
                 raise item
-            self._observe(item)
             if item.finish_reason is not None:
                 self._num_open -= 1
             return item
@@ -184,6 +206,20 @@ class Generation:
             self.gateway.metrics.e2e.observe(time.monotonic() - self.arrival)
             self.cancel()
         return None
+
+    def ready(self) -> list[Delta]:
+        """The deltas that arrived already, in arrival order, without waiting (stops before
+        a failure, which the next ``next()`` raises)."""
+        out: list[Delta] = []
+        while self._num_open and self._error is None and not self._queue.empty():
+            item = self._queue.get_nowait()
+            if isinstance(item, APIError):
+                self._error = item
+                break
+            if item.finish_reason is not None:
+                self._num_open -= 1
+            out.append(item)
+        return out
 
     def _observe(self, delta: Delta) -> None:
         if not delta.token_ids:

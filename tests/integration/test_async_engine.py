@@ -51,3 +51,43 @@ def test_concurrent_streams_cancel_and_bad_input(hf_model_dir):
             aengine.shutdown()
 
     asyncio.run(main())
+
+
+def test_a_lagging_consumer_gets_the_steps_it_missed_merged_in_order(hf_model_dir):
+    """A consumer slower than the engine gets every step it missed at once: one delta per
+    completion per read, each token and logprob exactly once and in order, the finish
+    reason on the last delta only."""
+    model_dir = hf_model_dir("llama")
+    prompt = H.random_prompts(1000, [9], seed=3)[0]
+    params = SamplingParams(n=2, temperature=0.8, seed=5, max_tokens=40, ignore_eos=True, logprobs=2)
+    with LLM(model_dir, num_kv_blocks=64) as llm:
+        ref = llm.generate([prompt], params)[0].outputs
+
+    async def main():
+        engine = LLMEngine(EngineConfig(model=ModelConfig.from_dir(model_dir), cache=CacheConfig(num_blocks=64)))
+        aengine = AsyncEngine(engine, asyncio.get_running_loop())
+        got = {i: {"tokens": [], "logprobs": [], "reasons": []} for i in range(2)}
+        sizes = []
+        try:
+            async for deltas in aengine.generate("lag", prompt, params):
+                assert len({d.index for d in deltas}) == len(deltas)
+                for d in deltas:
+                    g = got[d.index]
+                    assert not g["reasons"] or g["reasons"][-1] is None  # nothing after a finish
+                    g["tokens"] += d.token_ids
+                    g["logprobs"] += d.logprobs
+                    g["reasons"].append(d.finish_reason)
+                    sizes.append(len(d.token_ids))
+                await asyncio.sleep(0.05)  # a slow client: the engine steps on meanwhile
+            stats = await aengine.call(engine.kv_cache_stats)
+            assert stats.num_free_blocks == stats.num_total_blocks
+        finally:
+            aengine.shutdown()
+        return got, sizes
+
+    got, sizes = asyncio.run(main())
+    for i, out in enumerate(ref):
+        assert got[i]["tokens"] == out.token_ids
+        assert got[i]["logprobs"] == out.logprobs
+        assert got[i]["reasons"][-1] == "length" and set(got[i]["reasons"][:-1]) <= {None}
+    assert max(sizes) > 1  # steps were merged
