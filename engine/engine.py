@@ -51,6 +51,8 @@ class _Completion:
         p = request.sampling_params
         self.output = CompletionOutput(index=index, logprobs=[] if p.logprobs is not None else None)
         self.text = CompletionText(tokenizer, request.prompt_token_ids, p.stop, p.skip_special_tokens, stream)
+        self.stream = stream
+        """Deltas for every token; otherwise only the final one (offline callers wait for it)."""
 
 
 class LLMEngine:
@@ -111,8 +113,8 @@ class LLMEngine:
 
         With ``remote_prefill`` the request is admitted with blocks for its whole prompt
         and waits for a prefill worker to write them (see ``take_remote_prefills``).
-        Without ``stream`` deltas carry no text: it is decoded once, into the final
-        ``RequestOutput``, unless stop strings need it per token.
+        Without ``stream`` only the final delta of each completion is returned and the text
+        is decoded once, into the final ``RequestOutput``, unless stop strings need it per token.
         """
         rids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         # Completion ids must not collide either (e.g. "x#0" next to an n > 1 request "x").
@@ -299,7 +301,7 @@ class LLMEngine:
         """Append one token and process its text now (outside the step loop)."""
         self._append_token(req, token_id, logprobs)
         item = self._pending_text.pop()  # its own item only: others keep their place
-        (delta,) = self._text_deltas([item])
+        (delta,) = self._text_deltas([item], every_token=True)
         self._finish_stopped()
         return delta
 
@@ -333,7 +335,7 @@ class LLMEngine:
             items, self._pending_text = self._pending_text, []
         return self._text_deltas(items)
 
-    def _text_deltas(self, items) -> list[CompletionDelta]:
+    def _text_deltas(self, items, every_token: bool = False) -> list[CompletionDelta]:
         deltas = []
         for comp, token_id, logprobs, reason in items:
             out = comp.output
@@ -347,6 +349,8 @@ class LLMEngine:
             if reason is not None:
                 out.finish_reason = reason
                 out.text = comp.text.final_text(out.token_ids)
+            elif not comp.stream and not every_token:
+                continue
             deltas.append(CompletionDelta(
                 rid, out.index, [token_id], comp.text.take_delta(),
                 [logprobs] if logprobs is not None else None, reason,
