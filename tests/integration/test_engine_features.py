@@ -381,6 +381,31 @@ def test_invalid_prompt_in_batch_queues_nothing(llm):
     assert_all_free(llm)
 
 
+def test_bad_processor_parameters_raise_and_serving_goes_on(llm):
+    vocab = llm.engine.config.model.vocab_size
+    bad = [
+        (dict(presence_penalty=2.5), "presence_penalty"), (dict(frequency_penalty=-3), "frequency_penalty"),
+        (dict(repetition_penalty=0.0), "repetition_penalty"), (dict(logit_bias={5: 101}), "logit_bias"),
+        (dict(min_tokens=9, max_tokens=4), "min_tokens"),
+    ]
+    for kw, name in bad:
+        with pytest.raises(ValueError, match=name):
+            SamplingParams(**kw)
+    for kw, name in [(dict(logit_bias={vocab: 1.0}), "logit_bias"), (dict(allowed_token_ids=[vocab + 2]), "allowed"),
+                     (dict(allowed_token_ids=[3], banned_token_ids=[3]), "no token could be sampled")]:
+        with pytest.raises(ValueError, match=name):
+            llm.generate(PROMPT, SamplingParams(max_tokens=2, **kw))
+    assert_all_free(llm)
+    # min_tokens holds EOS back; allowed_token_ids and logit_bias steer every token.
+    eos = min(llm.engine.eos_token_ids)
+    out = llm.generate(PROMPT, SamplingParams(temperature=0.0, max_tokens=8, min_tokens=5, logit_bias={eos: 100.0}))[0]
+    assert out.token_ids == [*out.token_ids[:5], eos] and eos not in out.token_ids[:5]
+    out = llm.generate(PROMPT, SamplingParams(temperature=1.0, seed=1, max_tokens=16, allowed_token_ids=[7, 9, 11],
+                                              ignore_eos=True))[0]
+    assert set(out.token_ids) <= {7, 9, 11}
+    assert_all_free(llm)
+
+
 def test_request_id_collisions_and_api_misuse(llm):
     eng = llm.engine
     short = SamplingParams(temperature=0.0, max_tokens=2)
