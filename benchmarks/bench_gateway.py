@@ -17,26 +17,13 @@ building). Prints figures; asserts nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import socket
 import statistics
 import subprocess
-import sys
-import tempfile
 import time
 
-from pdserve.deploy.processes import WorkerProcess
-
-GATEWAY = """
-import json, sys
-from pdserve.router.gateway import GatewayConfig
-from pdserve.router.app import serve
-cfg = json.loads(sys.argv[1])
-port = cfg.pop("port")
-serve(GatewayConfig(**cfg), host="127.0.0.1", port=port, log_level="warning")
-"""
-
+from pdserve.deploy.processes import WorkerProcess, start_gateway
 
 def start_worker(role: str, model: str, store_url: str, worker_id: str, extra=()) -> tuple:
     w = WorkerProcess(role, ["--model", model, "--store", store_url, "--worker-id", worker_id,
@@ -89,25 +76,10 @@ def main() -> None:
         d, d_addr = start_worker("decode", model, store.url, "d0", ["--num-kv-blocks", "256"])
         procs.append(d)
         port = free_port()
-        cfg = {"store_url": store.url, "model_dir": model, "router_policy": args.policy, "port": port}
-        glog = tempfile.TemporaryFile(mode="w+")
-        gw = subprocess.Popen([sys.executable, "-c", GATEWAY, json.dumps(cfg)], stdout=glog, stderr=subprocess.STDOUT)
+        cfg = {"store_url": store.url, "model_dir": model, "router_policy": args.policy}
+        gw, url = start_gateway(cfg, port)
         procs.append(gw)
-        url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                # Not "ready" (no prefill worker), but serving once it sees the decode worker.
-                if httpx.get(url + "/ready").json().get("decode", 0) >= 1:
-                    break
-            except httpx.HTTPError:
-                pass
-            if gw.poll() is not None or time.monotonic() > deadline:
-                glog.seek(0)
-                raise RuntimeError(f"the gateway did not start: {glog.read()[-2000:]}")
-            time.sleep(0.1)
         name = httpx.get(url + "/v1/models").json()["data"][0]["id"]
-        time.sleep(1.0)  # one refresh interval: the gateway's own worker list has the decode worker
 
         channel = grpc.insecure_channel(d_addr)
         stub = pb_grpc.DecodeStub(channel)

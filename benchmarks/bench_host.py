@@ -36,8 +36,6 @@ import os
 import platform
 import random
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -45,16 +43,6 @@ from pathlib import Path
 import torch
 
 SECTIONS = "abcd"
-
-GATEWAY = """
-import json, sys
-from pdserve.router.gateway import GatewayConfig
-from pdserve.router.app import serve
-cfg = json.loads(sys.argv[1])
-port = cfg.pop("port")
-serve(GatewayConfig(**cfg), host="127.0.0.1", port=port, log_level="warning")
-"""
-
 
 # -- models -----------------------------------------------------------------------------------
 
@@ -325,22 +313,9 @@ def served_loadtest(url: str, model: str, n: int, prompt_len: int, out_len: int)
 def start_gateway(store_url: str, model: str, port: int):
     import httpx
 
-    cfg = {"store_url": store_url, "model_dir": model, "port": port}
-    log = tempfile.TemporaryFile(mode="w+")
-    gw = subprocess.Popen([sys.executable, "-c", GATEWAY, json.dumps(cfg)], stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url + "/ready").json().get("decode", 0) >= 1:
-                break
-        except httpx.HTTPError:
-            pass
-        if gw.poll() is not None or time.monotonic() > deadline:
-            log.seek(0)
-            raise RuntimeError(f"the gateway did not start: {log.read()[-2000:]}")
-        time.sleep(0.1)
-    time.sleep(1.0)  # one registry refresh: the gateway's worker list has the decode worker
+    from pdserve.deploy.processes import start_gateway as start
+
+    gw, url = start({"store_url": store_url, "model_dir": model}, port)
     return gw, url, httpx.get(url + "/v1/models").json()["data"][0]["id"]
 
 
@@ -421,7 +396,7 @@ def section_d(args, tmp: Path, rows: list) -> None:
           f"gateway {g:.1f}, this process (client, store) {c:.1f}; other processes on the host: up to "
           f"{max(foreign):.2f} cores in a timed run (on a shared host, compare runs where that is near 0)")
     rows.append((f"(d) offline LLM.generate, {n} streams", f"{offline:,.0f} tok/s"))
-    rows.append((f"(d) served (gateway + 1 decode)", f"{served:,.0f} tok/s"))
+    rows.append(("(d) served (gateway + 1 decode)", f"{served:,.0f} tok/s"))
     rows.append(("(d) served / offline", f"{served / offline:.0%}"))
 
 

@@ -14,6 +14,7 @@ on a full pipe.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import tempfile
@@ -134,3 +135,39 @@ def wait_all_free(workers: list[WorkerProcess], timeout_s: float = 10.0) -> bool
             return False
         time.sleep(0.1)
     return True
+
+
+_GATEWAY = """
+import json, sys
+from pdserve.router.gateway import GatewayConfig
+from pdserve.router.app import serve
+cfg = json.loads(sys.argv[1])
+port = cfg.pop("port")
+serve(GatewayConfig(**cfg), host="127.0.0.1", port=port, log_level="warning")
+"""
+
+
+def start_gateway(config: dict, port: int, timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
+    """A gateway (``GatewayConfig(**config)``) as a child process on 127.0.0.1:``port``.
+    Returns (process, base URL) once it routes to a decode worker (not "ready": a prefill
+    worker is optional) and one registry refresh has passed."""
+    import httpx
+
+    log = tempfile.TemporaryFile(mode="w+")
+    proc = subprocess.Popen([sys.executable, "-c", _GATEWAY, json.dumps({**config, "port": port})],
+                            stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if httpx.get(url + "/ready").json().get("decode", 0) >= 1:
+                break
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            log.seek(0)
+            proc.kill()
+            raise RuntimeError(f"the gateway did not start: {log.read()[-2000:]}")
+        time.sleep(0.1)
+    time.sleep(1.0)  # one registry refresh: the gateway's own worker list has the decode worker
+    return proc, url

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import operator
-from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +19,7 @@ from .config import EngineConfig
 from .executor import make_executor
 from .kv_cache_manager import KVCacheManager, KVCacheStats
 from .model_runner import kv_block_bytes, order_for_step, prepare_inputs
+from .output_processor import CompletionText
 from .outputs import CompletionDelta, CompletionOutput, RequestOutput
 from .parallel import TPGroup
 from .request import Request, RequestStatus
@@ -26,7 +27,6 @@ from .rng import wrap_seed
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import RemotePrefill, Scheduler
-from .output_processor import CompletionText
 from .tokenizer import Tokenizer
 
 

@@ -136,10 +136,6 @@ class SamplingParams:
             or self.banned_token_ids
         )
 
-    def token_ids_used(self) -> list[int]:
-        """Every token id the parameters name (the engine checks them against the vocabulary)."""
-        return [*self.stop_token_ids, *(self.logit_bias or ()), *(self.allowed_token_ids or ()), *self.banned_token_ids]
-
 
 def _bias_map(bias) -> dict[int, float] | None:
     if not bias:
