@@ -71,9 +71,12 @@ class Sampler:
         self._processors: LogitsProcessors | None = None
         self._workspace: torch.Tensor | None = None
 
-    def processors(self, vocab_size: int) -> LogitsProcessors:
+    def processors(self, logits_width: int) -> LogitsProcessors:
+        """The processor stage for the model's vocabulary (the bitmask width), by default
+        the logits' width."""
+        vocab_size = self._vocab_size or logits_width
         if self._processors is None or self._processors.vocab_size != vocab_size:
-            self._processors = LogitsProcessors(self._vocab_size or vocab_size, self._eos)
+            self._processors = LogitsProcessors(vocab_size, self._eos)
         return self._processors
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
