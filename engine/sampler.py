@@ -37,6 +37,7 @@ without a seed gets one from this sampler's own seeded stream on each call.
 from __future__ import annotations
 
 import random
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +70,6 @@ class Sampler:
         self._vocab_size = vocab_size
         self._eos = tuple(eos_token_ids)
         self._processors: LogitsProcessors | None = None
-        self._workspace: torch.Tensor | None = None
 
     def processors(self, logits_width: int) -> LogitsProcessors:
         """The processor stage for the model's vocabulary (the bitmask width), by default
@@ -144,19 +144,12 @@ class Sampler:
 
     # -- sampled rows ----------------------------------------------------------------------
 
-    def _workspace_for(self, rows: int, width: int, device: torch.device) -> torch.Tensor:
-        ws = self._workspace
-        if ws is None or ws.device != device or ws.shape[0] < rows or ws.shape[1] != width:
-            ws = self._workspace = torch.empty(max(rows, ws.shape[0] if ws is not None and ws.shape[1] == width else 0),
-                                               width, dtype=torch.float32, device=device)
-        return ws[:rows]
-
     def _sample(self, logits: torch.Tensor, rows: list[int], requests: list[Request], processed: list[bool]) -> torch.Tensor:
         device = logits.device
         num_rows, vocab = len(rows), logits.shape[1]
         params = [r.sampling_params for r in requests]
         num_chunks = -(-vocab // CHUNK)
-        ws = self._workspace_for(num_rows, num_chunks * CHUNK, device)
+        ws = _buffer("workspace", (num_rows, num_chunks * CHUNK), device)
         ws[:, vocab:] = float("-inf")
         inv_t = torch.tensor([1.0 / p.temperature for p in params], dtype=torch.float32, device=device)
         src = logits if num_rows == logits.shape[0] else logits[torch.tensor(rows, device=device)]
@@ -346,16 +339,28 @@ def _masked(e: torch.Tensor, compare, value: torch.Tensor) -> torch.Tensor:
     return out.mul_(e)
 
 
-_SCRATCH: dict = {}
+_BUFFERS = threading.local()
+"""Per-thread reused buffers (an engine samples on its own thread; two engines in one
+process never share one)."""
 
 
-def _scratch(like: torch.Tensor, name: str = "mass") -> torch.Tensor:
-    """A reused buffer shaped like ``like`` (large per-step temporaries cost page faults)."""
-    key = (name, like.device, like.dtype)
-    buf = _SCRATCH.get(key)
-    if buf is None or buf.numel() < like.numel():
-        buf = _SCRATCH[key] = torch.empty(like.numel(), dtype=like.dtype, device=like.device)
-    return buf[: like.numel()].view(like.shape)
+def _buffer(name: str, shape: tuple[int, ...], device: torch.device,
+            dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A reused contiguous buffer: per-step temporaries the size of the logits cost page
+    faults when allocated anew."""
+    buffers = _BUFFERS.__dict__.setdefault("by_key", {})
+    key = (name, device, dtype)
+    size = 1
+    for n in shape:
+        size *= n
+    buf = buffers.get(key)
+    if buf is None or buf.numel() < size:
+        buf = buffers[key] = torch.empty(size, dtype=dtype, device=device)
+    return buf[:size].view(shape)
+
+
+def _scratch(like: torch.Tensor) -> torch.Tensor:
+    return _buffer("scratch", tuple(like.shape), like.device, like.dtype)
 
 
 def _inverse_cdf(e: torch.Tensor, chunk_sum: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -67,6 +67,13 @@ class Pair:
     def record(self, delta):
         self.outputs.setdefault(delta.request_id, {}).setdefault(delta.index, []).extend(delta.token_ids)
 
+    def run_prompts(self, prompts, params) -> "Pair":
+        """Submit every prompt (request ids "0", "1", ...) and run them all to the end."""
+        for i, p in enumerate(prompts):
+            self.submit(str(i), p, params)
+        self.run()
+        return self
+
     def run(self):
         while self.d.has_unfinished:
             for delta in self.d.step():
@@ -83,10 +90,7 @@ def test_greedy_batch_equals_single_engine(model_dir):
     params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
     with LLM(model_dir, num_kv_blocks=64) as llm:
         ref = [o.token_ids for o in llm.generate(prompts, params)]
-    pair = Pair(model_dir)
-    for i, p in enumerate(prompts):
-        pair.submit(str(i), p, params)
-    pair.run()
+    pair = Pair(model_dir).run_prompts(prompts, params)
     assert [pair.tokens(str(i)) for i in range(len(prompts))] == ref
     assert all_free(pair.p) and all_free(pair.d)
 
@@ -97,10 +101,7 @@ def test_seeded_sampling_and_n_equal_single_engine(model_dir):
     params = SamplingParams(temperature=0.9, top_p=0.9, seed=11, n=3, max_tokens=16, ignore_eos=True, logprobs=2)
     with LLM(model_dir, num_kv_blocks=64) as llm:
         ref = llm.generate(prompts, params)
-    pair = Pair(model_dir)
-    for i, p in enumerate(prompts):
-        pair.submit(str(i), p, params)
-    pair.run()
+    pair = Pair(model_dir).run_prompts(prompts, params)
     for i, r in enumerate(ref):
         for c in r.outputs:
             assert pair.tokens(f"{i}#{c.index}", c.index) == c.token_ids
@@ -204,10 +205,7 @@ def test_processors_greedy_equal_a_reference_on_hf_logits_and_through_p_to_d(mod
         expected.append(out)
     with LLM(model_dir, num_kv_blocks=64) as llm:
         assert [o.token_ids for o in llm.generate(prompts, PROCESSED)] == expected
-    pair = Pair(model_dir)
-    for i, p in enumerate(prompts):
-        pair.submit(str(i), p, PROCESSED)
-    pair.run()
+    pair = Pair(model_dir).run_prompts(prompts, PROCESSED)
     assert [pair.tokens(str(i)) for i in range(len(prompts))] == expected
     assert all_free(pair.p) and all_free(pair.d)
 
@@ -221,10 +219,7 @@ def test_sampled_processors_through_p_to_d_equal_single_engine(model_dir):
                             logit_bias={7: 5.0}, banned_token_ids=(1, 2, 3))
     with LLM(model_dir, num_kv_blocks=64) as llm:
         ref = llm.generate(prompts, params)
-    pair = Pair(model_dir)
-    for i, p in enumerate(prompts):
-        pair.submit(str(i), p, params)
-    pair.run()
+    pair = Pair(model_dir).run_prompts(prompts, params)
     for i, r in enumerate(ref):
         for c in r.outputs:
             assert pair.tokens(f"{i}#{c.index}", c.index) == c.token_ids

@@ -4,7 +4,6 @@ bounded stop-string search and hold-back, and the one-shot decode of offline req
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 
