@@ -18,6 +18,32 @@ MAX_LOGIT_BIAS = 1024
 """Entries of ``logit_bias`` (OpenAI documents no count; a bound keeps the per-step work bounded)."""
 MAX_TOKEN_ID_LIST = 4096
 """Entries of ``allowed_token_ids`` / ``banned_token_ids``."""
+MAX_GRAMMAR_CHARS = 64 << 10
+"""Length of a structured-output spec (schema, regex, grammar, choices)."""
+STRUCTURED_OUTPUT_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
+@dataclass(frozen=True)
+class StructuredOutput:
+    """A grammar the output must match, applied as a token mask at every step.
+
+    ``kind``: "json" (``spec`` is a JSON schema), "json_object" (any JSON object; ``spec``
+    empty), "regex", "choice" (``spec`` is a JSON list of strings) or "grammar" (Lark, or
+    GBNF/EBNF as llama.cpp and vLLM write it). Compiled by ``structured_output.py``.
+    """
+
+    kind: str
+    spec: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in STRUCTURED_OUTPUT_KINDS:
+            raise ValueError(f"structured_output kind must be one of {STRUCTURED_OUTPUT_KINDS}, got {self.kind!r}")
+        if not isinstance(self.spec, str):
+            raise ValueError(f"structured_output spec must be a string, got {type(self.spec).__name__}")
+        if len(self.spec) > MAX_GRAMMAR_CHARS:
+            raise ValueError(f"structured_output spec has {len(self.spec)} characters; at most {MAX_GRAMMAR_CHARS}")
+        if self.kind != "json_object" and not self.spec:
+            raise ValueError(f"structured_output of kind {self.kind!r} needs a spec")
 
 
 @dataclass(frozen=True)
@@ -61,6 +87,16 @@ class SamplingParams:
     """Only these tokens can be sampled (None: all)."""
     banned_token_ids: tuple[int, ...] = ()
     """These tokens can never be sampled."""
+    structured_output: StructuredOutput | None = None
+    """The output must match this grammar (JSON schema, regex, choice, Lark/EBNF)."""
+    prompt_logprobs: int | None = None
+    """vLLM: return each prompt token's logprob (given the tokens before it) plus this many
+    top alternatives; the first prompt token has none. Such prompts skip the prefix cache."""
+    include_stop_str_in_output: bool = False
+    """vLLM: keep the matched stop string at the end of the text."""
+    spaces_between_special_tokens: bool = True
+    """vLLM: with ``skip_special_tokens`` false, special tokens are separated from the
+    text around them by a space."""
 
     def __post_init__(self) -> None:
         try:
@@ -113,6 +149,17 @@ class SamplingParams:
             if not self.allowed_token_ids:
                 raise ValueError("allowed_token_ids must not be empty")
         object.__setattr__(self, "banned_token_ids", _id_tuple(self.banned_token_ids, "banned_token_ids"))
+        if isinstance(self.structured_output, Mapping):  # from the wire (proto/convert.py)
+            object.__setattr__(self, "structured_output", StructuredOutput(**self.structured_output))
+        if self.structured_output is not None:
+            if not isinstance(self.structured_output, StructuredOutput):
+                raise ValueError(f"structured_output must be a StructuredOutput, got {self.structured_output!r:.100}")
+            if self.min_tokens:
+                # The grammar may end (only EOS allowed) before min_tokens lets EOS through.
+                raise ValueError("min_tokens cannot be combined with structured output")
+        if self.prompt_logprobs is not None and (
+                not isinstance(self.prompt_logprobs, int) or not 0 <= self.prompt_logprobs <= MAX_LOGPROBS):
+            raise ValueError(f"prompt_logprobs must be in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}")
 
     @property
     def is_greedy(self) -> bool:

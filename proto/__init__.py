@@ -5,6 +5,8 @@ Generated modules are checked in (`pdserve_pb2`, `pdserve_pb2_grpc`); regenerate
 registers: a mismatch is refused instead of failing per request.
 """
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
+"""3: structured outputs, prompt logprobs, include_stop_str_in_output and
+spaces_between_special_tokens (a version-2 worker would ignore them silently)."""
 """2: SamplingParams gained penalties, logit_bias, min_tokens and allowed/banned token ids
 (a version-1 worker would silently ignore them)."""

@@ -37,7 +37,19 @@ def sampling_kwargs(msg: pb.SamplingParams) -> dict[str, Any]:
         min_tokens=msg.min_tokens,
         allowed_token_ids=tuple(msg.allowed_token_ids.token_ids) if msg.HasField("allowed_token_ids") else None,
         banned_token_ids=tuple(msg.banned_token_ids),
+        structured_output=(structured_output_kwargs(msg.structured_output)
+                           if msg.HasField("structured_output") else None),
+        prompt_logprobs=msg.prompt_logprobs if msg.HasField("prompt_logprobs") else None,
+        include_stop_str_in_output=msg.include_stop_str_in_output,
+        spaces_between_special_tokens=(msg.spaces_between_special_tokens
+                                       if msg.HasField("spaces_between_special_tokens") else True),
     )
+
+
+def structured_output_kwargs(msg: pb.StructuredOutput) -> dict[str, str]:
+    """Keyword arguments for ``pdserve.engine.sampling_params.StructuredOutput`` (the
+    engine side turns them into one; this module imports nothing of the engine)."""
+    return {"kind": msg.kind, "spec": msg.spec}
 
 
 def sampling_message(params: Any) -> pb.SamplingParams:
@@ -50,7 +62,14 @@ def sampling_message(params: Any) -> pb.SamplingParams:
         presence_penalty=params.presence_penalty, frequency_penalty=params.frequency_penalty,
         repetition_penalty=params.repetition_penalty, logit_bias=dict(params.logit_bias or {}),
         min_tokens=params.min_tokens, banned_token_ids=list(params.banned_token_ids),
+        include_stop_str_in_output=params.include_stop_str_in_output,
+        spaces_between_special_tokens=params.spaces_between_special_tokens,
     )
+    if params.structured_output is not None:
+        msg.structured_output.kind = params.structured_output.kind
+        msg.structured_output.spec = params.structured_output.spec
+    if params.prompt_logprobs is not None:
+        msg.prompt_logprobs = params.prompt_logprobs
     if params.seed is not None:
         msg.seed = params.seed
     if params.logprobs is not None:

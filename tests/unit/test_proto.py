@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from pdserve.engine.sampling_params import SamplingParams
+from pdserve.engine.sampling_params import SamplingParams, StructuredOutput
 from pdserve.proto import PROTOCOL_VERSION, convert
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
@@ -39,12 +39,15 @@ ROUND_TRIP = [
                    stop_token_ids=(2, 3), ignore_eos=True, logprobs=0, skip_special_tokens=False, cache_salt="t1",
                    presence_penalty=-2.0, frequency_penalty=0.1, repetition_penalty=0.85, min_tokens=40,
                    logit_bias={0: -100.0, 2**32 - 1: 0.1, 7: 0.0}, allowed_token_ids=(5, 1, 5),
-                   banned_token_ids=(9, 0)),
+                   banned_token_ids=(9, 0), prompt_logprobs=3, include_stop_str_in_output=True,
+                   spaces_between_special_tokens=False),
+    SamplingParams(structured_output=StructuredOutput("json", '{"type": "object"}'), prompt_logprobs=0),
+    SamplingParams(structured_output=StructuredOutput("json_object")),
     SamplingParams(repetition_penalty=1.0, logit_bias={}, allowed_token_ids=(0,)),  # neutral values, one id
 ]
 
 
-@pytest.mark.parametrize("params", ROUND_TRIP, ids=["default", "all", "edges"])
+@pytest.mark.parametrize("params", ROUND_TRIP, ids=["default", "all", "structured", "json_object", "edges"])
 def test_sampling_params_round_trip_exactly(params):
     msg = pb.SamplingParams.FromString(convert.sampling_message(params).SerializeToString())
     got = SamplingParams(**convert.sampling_kwargs(msg))
