@@ -7,8 +7,9 @@ Decode-first flow for a request with ``prefill_worker_id`` (design, "One request
 2. ``_remote_prefill`` asks the prefill worker to fill exactly those blocks
    (Prefill RPC with the destination block ids); this worker owns the memory before
    any compute starts, so no KV is ever stranded on the prefill side.
-3. The prefill worker writes the KV, samples the first token and answers; the
-   request joins the running batch here. Failure or timeout of that hop fails the
+3. The prefill worker writes the KV, samples the first token and answers (with the
+   prompt logprobs, if asked: this worker computes none for the request, and sends
+   them on its first message of completion 0); the request joins the running batch here. Failure or timeout of that hop fails the
    request explicitly (finish_reason "error"), never a hang.
 4. Abort (client gone or Abort RPC) cancels the in-flight Prefill RPC, which makes
    the prefill worker abort and free its side too.
@@ -89,8 +90,11 @@ class DecodeService(pb_grpc.DecodeServicer):
             # A prefill worker restarted on the same address must be reachable within
             # seconds, not after gRPC's default reconnect backoff (up to 120 s); until
             # then hops fail fast with UNAVAILABLE and are prefilled here.
+            # No 4 MiB cap on answers: prompt logprobs grow with the prompt (21 entries a
+            # token at k = 20, about 20 MB at a 128k context).
             channel = self._channels[address] = grpc.aio.insecure_channel(
-                address, options=[("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000)])
+                address, options=[("grpc.initial_reconnect_backoff_ms", 200), ("grpc.max_reconnect_backoff_ms", 2000),
+                                  ("grpc.max_receive_message_length", -1)])
         return channel
 
     # -- RPCs ------------------------------------------------------------------------
@@ -107,10 +111,11 @@ class DecodeService(pb_grpc.DecodeServicer):
             self._prefill_target[parent] = request.prefill_worker_id
             self._group_of[parent] = rid
         num_tokens = [0] * params.n
-        prompt_len = len(request.prompt_token_ids)
+        prompt = list(request.prompt_token_ids)
+        prompt_len = len(prompt)
         num_open = params.n
         try:
-            stream = self.aengine.generate(rid, list(request.prompt_token_ids), params, remote_prefill=remote)
+            stream = self.aengine.generate(rid, prompt, params, remote_prefill=remote)
             try:
                 # One message per completion per read: when this stream lags behind the
                 # engine (a slow reader), the steps it missed arrive merged (AsyncEngine).
@@ -118,7 +123,7 @@ class DecodeService(pb_grpc.DecodeServicer):
                     for d in deltas:
                         num_tokens[d.index] += len(d.token_ids)
                         num_open -= d.finish_reason is not None
-                        msg = _delta_message(rid, d)
+                        msg = _delta_message(rid, d, prompt)
                         if num_open == 0:
                             msg.usage.CopyFrom(pb.Usage(prompt_tokens=prompt_len, completion_tokens=sum(num_tokens)))
                         yield msg
@@ -192,7 +197,15 @@ class DecodeService(pb_grpc.DecodeServicer):
         self.transfers.transfer_count += 1
         self.transfers.transfer_latency_ms_sum += resp.transfer.latency_ms
         lp = convert.logprobs_dict(resp.first_logprobs) if resp.HasField("first_logprobs") else None
-        self.aengine.complete_remote_prefill(cid, resp.first_token_id, lp)
+        prompt_logprobs = None
+        if rp.request.sampling_params.prompt_logprobs is not None:
+            num_positions = len(rp.request.prompt_token_ids) - 1
+            if len(resp.prompt_logprobs) != num_positions:
+                self._fail_hop(group, transfer_id, f"prefill worker sent {len(resp.prompt_logprobs)} prompt logprobs "
+                                                   f"for {num_positions} positions")
+                return
+            prompt_logprobs = [None, *(convert.logprobs_dict(m) for m in resp.prompt_logprobs)]
+        self.aengine.complete_remote_prefill(cid, resp.first_token_id, lp, prompt_logprobs)
 
 
     def _prefill_here(self, cid: str, transfer_id: str, why: str) -> None:
@@ -218,7 +231,7 @@ class _HopError(Exception):
     pass
 
 
-def _delta_message(request_id: str, d: CompletionDelta) -> pb.GenerateResponse:
+def _delta_message(request_id: str, d: CompletionDelta, prompt: list[int]) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(
         request_id=request_id, index=d.index, token_ids=d.token_ids, text=d.text,
         finish_reason=convert.finish_reason_enum(d.finish_reason),
@@ -226,6 +239,9 @@ def _delta_message(request_id: str, d: CompletionDelta) -> pb.GenerateResponse:
     if d.logprobs:
         for tok, lp in zip(d.token_ids, d.logprobs):
             msg.logprobs.append(convert.logprobs_message(lp, tok))
+    if d.prompt_logprobs is not None:
+        # Positions 1.. only (the gateway adds position 0's null), the prompt token first.
+        msg.prompt_logprobs.extend(convert.logprobs_message(lp, prompt[i]) for i, lp in enumerate(d.prompt_logprobs) if i)
     if d.error:
         msg.error.CopyFrom(pb.Error(code="internal", message=d.error))
     return msg

@@ -136,12 +136,19 @@ class AsyncEngine:
         """Abort from any thread; the request's stream gets its final delta(s)."""
         self._commands.put(lambda: self._dispatch(self.engine.abort_request(request_id, error=error)))
 
-    def complete_remote_prefill(self, request_id: str, first_token_id: int, logprobs: dict[int, float] | None) -> None:
+    def complete_remote_prefill(
+        self, request_id: str, first_token_id: int, logprobs: dict[int, float] | None,
+        prompt_logprobs: list[dict[int, float] | None] | None = None,
+    ) -> None:
         def command() -> None:
             try:
-                self._dispatch([self.engine.complete_remote_prefill(request_id, first_token_id, logprobs)])
-            except ValueError:
-                pass  # aborted meanwhile: nothing waits for this KV any more
+                delta = self.engine.complete_remote_prefill(request_id, first_token_id, logprobs, prompt_logprobs)
+            except ValueError as e:
+                if request_id in self.engine.scheduler.awaiting_kv:  # a bad answer, not an abort: fail it
+                    group = self._request_of.get(request_id, request_id)
+                    self._dispatch(self.engine.abort_request(group, error=f"remote prefill: {e}"))
+                return  # else aborted meanwhile: nothing waits for this KV any more
+            self._dispatch([delta])
 
         self._commands.put(command)
 
@@ -221,7 +228,8 @@ class AsyncEngine:
 def coalesce(deltas: list[CompletionDelta]) -> list[CompletionDelta]:
     """One delta per completion, in order of first appearance: consecutive steps' deltas
     of a completion merged (token ids, text and logprobs concatenated in order; the
-    finish reason and error of the last, which is the only one that can have them)."""
+    finish reason and error of the last, which is the only one that can have them; the
+    prompt logprobs of the first, the only one that can have those)."""
     merged: dict[str, CompletionDelta] = {}
     for d in deltas:
         prev = merged.get(d.request_id)
@@ -234,6 +242,7 @@ def coalesce(deltas: list[CompletionDelta]) -> list[CompletionDelta]:
         merged[d.request_id] = CompletionDelta(
             d.request_id, d.index, prev.token_ids + d.token_ids, prev.text + d.text, logprobs,
             d.finish_reason, d.error or prev.error,
+            prompt_logprobs=prev.prompt_logprobs if prev.prompt_logprobs is not None else d.prompt_logprobs,
         )
     return list(merged.values())
 

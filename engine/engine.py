@@ -8,6 +8,7 @@ completions named ``{request_id}#{index}`` that share the prompt's KV blocks.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import operator
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +19,7 @@ import torch
 from .config import EngineConfig
 from .executor import make_executor
 from .kv_cache_manager import KVCacheManager, KVCacheStats
-from .model_runner import kv_block_bytes, order_for_step, prepare_inputs
+from .model_runner import ModelOutput, add_prompt_logprobs, kv_block_bytes, order_for_step, prepare_inputs
 from .output_processor import CompletionText
 from .outputs import CompletionDelta, CompletionOutput, RequestOutput
 from .parallel import TPGroup
@@ -27,8 +28,10 @@ from .rng import wrap_seed
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import RemotePrefill, Scheduler
+from .structured_output import Grammars
 from .tokenizer import Tokenizer
 
+log = logging.getLogger("pdserve.engine")
 
 @dataclass(frozen=True)
 class EngineStats:
@@ -46,13 +49,26 @@ class EngineStats:
 class _Completion:
     """Per-completion output state: the accumulated result and its text."""
 
-    def __init__(self, request: Request, index: int, tokenizer: Tokenizer | None, stream: bool) -> None:
+    def __init__(self, request: Request, index: int, tokenizer: Tokenizer | None, stream: bool,
+                 eos_token_ids: frozenset[int] = frozenset()) -> None:
         self.request = request
         p = request.sampling_params
         self.output = CompletionOutput(index=index, logprobs=[] if p.logprobs is not None else None)
-        self.text = CompletionText(tokenizer, request.prompt_token_ids, p.stop, p.skip_special_tokens, stream)
+        self.text = CompletionText(
+            tokenizer, request.prompt_token_ids, p.stop, p.skip_special_tokens, stream,
+            include_stop_str_in_output=p.include_stop_str_in_output,
+            spaces_between_special_tokens=p.spaces_between_special_tokens,
+            stop_token_ids=set(p.stop_token_ids) | (set() if p.ignore_eos else eos_token_ids))
         self.stream = stream
         """Deltas for every token; otherwise only the final one (offline callers wait for it)."""
+        self.prompt_logprobs_sent = False
+
+    def take_prompt_logprobs(self) -> list[dict[int, float] | None] | None:
+        """The request's prompt logprobs for its first delta (None after, and on siblings)."""
+        if self.prompt_logprobs_sent:
+            return None
+        self.prompt_logprobs_sent = True
+        return self.request.prompt_logprobs
 
 
 class LLMEngine:
@@ -81,6 +97,7 @@ class LLMEngine:
         self._stopped: set[str] = set()
         """Completions a stop string ended while still scheduled: finished after the step."""
         self._overlap = config.overlap_output_processing
+        self._grammars: Grammars | None = None
         self._forward_thread = None
         if self._overlap and not config.is_cuda and config.parallel.tensor_parallel_size == 1:
             self._forward_thread = ThreadPoolExecutor(1, thread_name_prefix="pdserve-forward")
@@ -128,12 +145,24 @@ class LLMEngine:
         for i, rid in enumerate(rids):
             seed = None if params.seed is None else params.seed + i * 1_000_003
             reqs.append(Request(rid, list(prompt_ids), params, bs, seed=None if seed is None else wrap_seed(seed)))
+        if params.structured_output is not None:
+            for req in reqs:  # siblings each follow their own matcher
+                req.constraint = self.grammars.constraint(params.structured_output)
         reqs[0].remote_prefill = remote_prefill  # siblings fork from it once the KV is in
         self.scheduler.add_request(reqs[0], reqs[1:])
         for i, req in enumerate(reqs):
-            self._completions[req.request_id] = _Completion(req, i, self.tokenizer, stream)
+            self._completions[req.request_id] = _Completion(req, i, self.tokenizer, stream, self.eos_token_ids)
         self._groups[request_id] = rids
         return prompt_ids
+
+    @property
+    def grammars(self) -> Grammars:
+        """Compiled structured-output grammars for this engine's tokenizer (built on first use)."""
+        if self._grammars is None:
+            if self.tokenizer is None:
+                raise ValueError("structured outputs need a tokenizer; this model directory has none")
+            self._grammars = Grammars(self.tokenizer.to_json(), self.config.model.vocab_size, self.eos_token_ids)
+        return self._grammars
 
     def _validate(self, prompt_ids: list[int], p: SamplingParams) -> None:
         if not prompt_ids:
@@ -182,9 +211,17 @@ class LLMEngine:
         return out
 
     def complete_remote_prefill(
-        self, request_id: str, first_token_id: int, logprobs: dict[int, float] | None = None
+        self, request_id: str, first_token_id: int, logprobs: dict[int, float] | None = None,
+        prompt_logprobs: list[dict[int, float] | None] | None = None,
     ) -> CompletionDelta:
-        """The prefill worker wrote the prompt's KV and sampled ``first_token_id``: decode on."""
+        """The prefill worker wrote the prompt's KV and sampled ``first_token_id``: decode on.
+        ``prompt_logprobs`` (``RequestOutput``'s form) are what it computed, if asked."""
+        waiting = self.scheduler.awaiting_kv.get(request_id)
+        if waiting is not None and waiting.prompt_logprobs is not None:
+            if prompt_logprobs is None or len(prompt_logprobs) != waiting.num_prompt_tokens:
+                raise ValueError(f"request {request_id!r} needs {waiting.num_prompt_tokens} prompt logprobs entries, "
+                                 f"got {None if prompt_logprobs is None else len(prompt_logprobs)}")
+            waiting.prompt_logprobs = list(prompt_logprobs)
         req = self.scheduler.complete_remote_prefill(request_id)
         # NOTE: draws are a function of (seed, output position), so the seeded stream goes on
         # from position 1 exactly as in a single engine, with no state to carry over.
@@ -208,6 +245,8 @@ class LLMEngine:
         for rid in self._groups.pop(request_id, ()):
             self.scheduler.finish_request(rid, status)
             comp = self._completions.pop(rid, None)
+            if comp is not None:
+                _close_constraint(comp.request)
             if comp is not None and comp.output.finish_reason is None:
                 comp.output.finish_reason = reason
                 deltas.append(CompletionDelta(rid, comp.output.index, [], "", None, reason, error))
@@ -255,10 +294,13 @@ class LLMEngine:
         tables = self.kv.tables
         rows = [tables.row(s.request.request_id) for s in ordered]
         inputs = prepare_inputs(ordered, tables.array, rows, self.config.cache.block_size)
-        logits, deltas = self._forward(inputs)
+        output, deltas = self._forward(inputs)
+        logits = output.logits
         sampling = [s.request for s in ordered if s.samples]
         sampled = self.sampler(logits, sampling) if sampling else None
         self._last_logits = (logits, sampling)
+        if output.prompt_logprobs is not None:
+            add_prompt_logprobs(ordered, output.prompt_logprobs)  # before num_computed_tokens moves on
         self.scheduler.update_after_step(sched)
         for i, req in enumerate(sampling):
             if req.request_id in self._stopped:
@@ -276,25 +318,26 @@ class LLMEngine:
         self._finish_stopped()
         return deltas
 
-    def _forward(self, inputs) -> tuple[torch.Tensor, list[CompletionDelta]]:
+    def _forward(self, inputs) -> tuple[ModelOutput, list[CompletionDelta]]:
         """Run the step's forward and, meanwhile, the previous step's text (a thread on the
         CPU; on CUDA the launch is asynchronous and the sampler's first read waits)."""
         if not self._overlap or not self._pending_text:
             return self.executor.execute(inputs), []
         if self._forward_thread is None:
-            logits = self.executor.execute(inputs)
-            return logits, self._process_text()
+            output = self.executor.execute(inputs)
+            return output, self._process_text()
         future = self._forward_thread.submit(self.executor.execute, inputs)
         try:
             deltas = self._process_text()
         finally:
-            logits = future.result()
-        return logits, deltas
+            output = future.result()
+        return output, deltas
 
     def _fail(self, req: Request, error: str) -> CompletionDelta:
         comp = self._completions[req.request_id]
         comp.output.finish_reason = "error"
         self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_ERROR)
+        _close_constraint(req)
         return CompletionDelta(req.request_id, comp.output.index, [], "", None, "error", error)
 
     def _append(self, req: Request, token_id: int, logprobs: dict[int, float] | None) -> CompletionDelta:
@@ -316,13 +359,25 @@ class LLMEngine:
         if logprobs is not None:
             out.logprobs.append(logprobs)
         reason = None
-        if (not p.ignore_eos and token_id in self.eos_token_ids) or token_id in p.stop_token_ids:
+        if req.constraint is not None:
+            try:
+                req.constraint.catch_up(req.output_token_ids)
+            except ValueError as e:  # only a peer that sampled without the grammar gets here
+                log.warning("request %s: %s", req.request_id, e)
+                reason = "error"
+        if reason == "error":
+            pass
+        elif (not p.ignore_eos and token_id in self.eos_token_ids) or token_id in p.stop_token_ids:
             reason, out.stop_reason = "stop", token_id
+        elif req.constraint is not None and req.constraint.is_terminated:
+            reason, out.stop_reason = "stop", token_id  # the grammar's end token, even with ignore_eos
         elif len(out.token_ids) >= p.max_tokens or req.num_tokens >= self.config.context_len:
             reason = "length"
         if reason is not None:
-            status = RequestStatus.FINISHED_STOPPED if reason == "stop" else RequestStatus.FINISHED_LENGTH
+            status = {"stop": RequestStatus.FINISHED_STOPPED, "length": RequestStatus.FINISHED_LENGTH,
+                      "error": RequestStatus.FINISHED_ERROR}[reason]
             self.scheduler.finish_request(req.request_id, status)
+            _close_constraint(req)
         self._pending_text.append((comp, token_id, logprobs, reason))
 
     def _process_text(self, only_immediate: bool = False) -> list[CompletionDelta]:
@@ -354,12 +409,16 @@ class LLMEngine:
             deltas.append(CompletionDelta(
                 rid, out.index, [token_id], comp.text.take_delta(),
                 [logprobs] if logprobs is not None else None, reason,
+                prompt_logprobs=comp.take_prompt_logprobs(),
             ))
         return deltas
 
     def _finish_stopped(self) -> None:
         for rid in self._stopped:
             self.scheduler.finish_request(rid, RequestStatus.FINISHED_STOPPED)
+            comp = self._completions.get(rid)
+            if comp is not None:
+                _close_constraint(comp.request)
         self._stopped.clear()
 
     # -- results -------------------------------------------------------------------
@@ -376,9 +435,16 @@ class LLMEngine:
             prompt_token_ids=prompt_token_ids,
             outputs=[c.output for c in comps],
             num_cached_tokens=comps[0].request.num_cached_tokens,
+            prompt_logprobs=comps[0].request.prompt_logprobs,
         )
 
     def shutdown(self) -> None:
         if self._forward_thread is not None:
             self._forward_thread.shutdown()
         self.executor.shutdown()
+
+
+def _close_constraint(req: Request) -> None:
+    if req.constraint is not None:
+        req.constraint.close()
+        req.constraint = None

@@ -4,7 +4,9 @@
 1..tp-1 as processes; rank 0 (this process) broadcasts each step's inputs —
 a header of shapes, then the tensors — and every rank runs the same forward,
 joining the all-reduces inside the model. Workers leave on a STOP header or when
-the group breaks.
+the group breaks. ``execute`` returns rank 0's ``ModelOutput``: the sampled rows'
+logits, and the prompt-logprob rows (which the other ranks help compute, since the
+LM head gathers the vocabulary from every rank, but do not reduce or keep).
 
 Rank extensions (``EngineConfig.rank_extension``) are per-rank objects that live
 beside the model runner, such as a KV transfer agent registered over that rank's KV
@@ -26,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from .config import EngineConfig
-from .model_runner import ModelRunner, StepInputs
+from .model_runner import ModelOutput, ModelRunner, StepInputs
 from .parallel import SINGLE, TPGroup
 
 _CMD_STEP, _CMD_STOP, _CMD_EXT = 1, 2, 3
@@ -62,8 +64,8 @@ class LocalExecutor:
         self.runner = ModelRunner(config, num_blocks, SINGLE)
         self.extension = _load_extension(config, self.runner, SINGLE)
 
-    def execute(self, inputs: StepInputs) -> torch.Tensor:
-        return self.runner.execute(inputs)
+    def execute(self, inputs: StepInputs) -> ModelOutput:
+        return self.runner.run(inputs)
 
     def call_extension(self, payload: bytes) -> list[bytes]:
         if self.extension is None:
@@ -134,7 +136,7 @@ def _worker_main(config: EngineConfig, num_blocks: int, rank: int, port: int) ->
                 if t.numel():
                     dist.broadcast(t, src=0)
                 tensors.append(t)
-            runner.execute(StepInputs.from_tensors(tensors))
+            runner.run(StepInputs.from_tensors(tensors))  # rank 0 alone keeps the results
     finally:
         if extension is not None:
             extension.close()
@@ -172,13 +174,13 @@ class MultiprocExecutor:
         self.extension = _load_extension(config, self.runner, self.tp)
         self._closed = False
 
-    def execute(self, inputs: StepInputs) -> torch.Tensor:
+    def execute(self, inputs: StepInputs) -> ModelOutput:
         self._check_ranks()
         _send_header(_CMD_STEP, inputs, self.config.device)
         for t in inputs.tensors():
             if t.numel():
                 dist.broadcast(t.to(self.config.device), src=0)
-        return self.runner.execute(inputs)
+        return self.runner.run(inputs)
 
     def call_extension(self, payload: bytes) -> list[bytes]:
         """``handle(payload)`` on every rank; their answers in rank order."""

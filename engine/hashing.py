@@ -10,7 +10,8 @@ so equal hashes mean equal prefixes (up to a 64-bit collision, which the engine'
 cache additionally guards against by comparing the block's tokens). ``H`` is
 BLAKE2b truncated to 64 bits: stable across processes and Python versions, unlike
 ``hash()``. ``extra_keys`` carries anything else the KV depends on, such as a
-per-tenant cache salt.
+per-tenant cache salt (``cache_salt_keys``): the engine's requests and the router's
+prefix lookups must salt alike, or the router's index never matches the workers' blocks.
 """
 
 from __future__ import annotations
@@ -21,6 +22,12 @@ from collections.abc import Sequence
 
 ROOT_HASH = 0
 _MASK64 = (1 << 64) - 1
+
+
+def cache_salt_keys(cache_salt: str | None) -> bytes:
+    """The ``extra_keys`` of a request's ``cache_salt`` (vLLM's per-tenant prefix-cache salt);
+    no salt: none. ``engine/request.py`` salts its block hashes with the same bytes."""
+    return cache_salt.encode() if cache_salt else b""
 
 
 def hash_block(parent_hash: int, token_ids: Sequence[int], extra_keys: bytes = b"") -> int:

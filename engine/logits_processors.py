@@ -25,33 +25,18 @@ positive scale.
 
 from __future__ import annotations
 
-from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from .structured_output import TokenConstraint
+
 if TYPE_CHECKING:
     from .request import Request
 
-
-class TokenConstraint(ABC):
-    """A per-request constraint on the next token (a grammar matcher), as a bitmask.
-
-    Invariant: ``accept_token`` is called once for every output token, in order, before
-    the next ``fill_bitmask``; the stage does that itself from ``Request.output_token_ids``.
-    """
-
-    @abstractmethod
-    def fill_bitmask(self, bitmask: torch.Tensor) -> None:
-        """Write the allowed next tokens into ``bitmask``: int32 [ceil(vocab / 32)] on the
-        CPU, bit ``j`` of word ``i`` set = token ``32 * i + j`` allowed (xgrammar's layout).
-        It arrives all zeros."""
-
-    @abstractmethod
-    def accept_token(self, token_id: int) -> None:
-        """Advance past ``token_id`` (an output token sampled under the last bitmask)."""
+__all__ = ["LogitsProcessors", "TokenConstraint", "apply_token_bitmask", "bitmask_words"]
 
 
 def bitmask_words(vocab_size: int) -> int:
@@ -85,8 +70,6 @@ class _State:
             self.bias_ids = torch.tensor(list(p.logit_bias), dtype=torch.long, device=device)
             self.bias_values = torch.tensor(list(p.logit_bias.values()), dtype=torch.float32, device=device)
         self.penalties = _PenaltyCounts(req.prompt_token_ids) if p.has_penalties else None
-        self.num_accepted = 0
-        """Output tokens the constraint has accepted."""
 
 
 class _PenaltyCounts:
@@ -167,12 +150,13 @@ class LogitsProcessors:
         constrained = [i for i, r in enumerate(requests) if r.constraint is not None]
         if constrained:
             bitmask = torch.zeros(len(constrained), bitmask_words(self.vocab_size), dtype=torch.int32)
+            by_class: dict[type, list[tuple[TokenConstraint, int]]] = {}
             for row, i in enumerate(constrained):
-                req, state = requests[i], states[i]
-                for tok in req.output_token_ids[state.num_accepted :]:
-                    req.constraint.accept_token(tok)
-                state.num_accepted = len(req.output_token_ids)
-                req.constraint.fill_bitmask(bitmask[row])
+                constraint = requests[i].constraint
+                constraint.catch_up(requests[i].output_token_ids)  # the engine did already
+                by_class.setdefault(type(constraint), []).append((constraint, row))
+            for cls, items in by_class.items():
+                cls.fill_bitmasks(items, bitmask)
             index = torch.tensor(constrained, device=device)
             sub = logits[index]
             apply_token_bitmask(sub, bitmask.to(device))

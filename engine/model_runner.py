@@ -3,11 +3,17 @@
 Rank 0 turns a ``SchedulerOutput`` into ``StepInputs`` (plain tensors), which the
 executor sends to every other rank; each rank runs ``execute`` on the same inputs
 and rank 0 samples from the returned logits.
+
+Prompt logprobs: a prefill chunk of a request that asked for them also names the
+positions whose logits give its prompt tokens' logprobs. ``execute`` computes those
+logits a slice at a time, reduces each to the prompt token's logprob and the top-k
+(on the logits' device; rank 0 only) and returns just that; ``add_prompt_logprobs``
+appends the rows to their requests.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -18,6 +24,13 @@ from .config import EngineConfig
 from .loader import load_model
 from .parallel import TPGroup
 from .scheduler import ScheduledRequest
+
+
+_EMPTY = torch.zeros(0, dtype=torch.long)
+
+PROMPT_LOGPROBS_ROWS = 512
+"""Prompt positions whose logits are computed at once: bounds the [rows, vocab] float32
+temporary (256 MiB at a 128k vocabulary) whatever the chunk size."""
 
 
 @dataclass
@@ -32,6 +45,12 @@ class StepInputs:
     prefill_lens: torch.Tensor  # [num_prefills, 2]: (query_len, context_len)
     prefill_block_tables: torch.Tensor  # [num_prefills, max_blocks]
     logits_indices: torch.Tensor  # [num_sampled] token index whose logits are wanted
+    prompt_logprobs_indices: torch.Tensor = field(default_factory=lambda: _EMPTY.clone())
+    """[P] token indices whose logits give a prompt token's logprob (see ``prompt_logprobs_span``)."""
+    prompt_logprobs_token_ids: torch.Tensor = field(default_factory=lambda: _EMPTY.clone())
+    """[P] the prompt token each of those rows scores (the one after its position)."""
+    prompt_logprobs_k: torch.Tensor = field(default_factory=lambda: _EMPTY.clone())
+    """[1] the largest top-k any of those rows asked for; [0] when there is no row."""
 
     def tensors(self) -> list[torch.Tensor]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -64,6 +83,25 @@ def order_for_step(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
     return [s for s in scheduled if s.num_new_tokens == 1] + [s for s in scheduled if s.num_new_tokens > 1]
 
 
+def prompt_logprobs_span(s: ScheduledRequest) -> tuple[int, int] | None:
+    """Positions ``[start, end)`` of this chunk whose logits the request's prompt logprobs
+    still need (position j scores prompt token j + 1), or None.
+
+    Positions collected before a preemption are not collected again. The scheduler never
+    lets the prefix cache skip a needed position, so the span always continues the list.
+    """
+    req = s.request
+    first = req.prompt_logprobs_position
+    if first is None:
+        return None
+    computed = req.num_computed_tokens
+    if computed > first:
+        raise RuntimeError(f"request {req.request_id}: prompt logprobs from position {first} are missing "
+                           f"but the chunk starts at {computed}")
+    end = min(computed + s.num_new_tokens, req.num_prompt_tokens - 1)
+    return (first, end) if first < end else None
+
+
 def prepare_inputs(ordered: list[ScheduledRequest], tables: np.ndarray, rows: list[int], block_size: int) -> StepInputs:
     """Build the step's tensors. ``tables`` is the persistent block-table array
     (``KVCacheManager.tables.array``) and ``rows[i]`` the row of ``ordered[i]``.
@@ -93,6 +131,16 @@ def prepare_inputs(ordered: list[ScheduledRequest], tables: np.ndarray, rows: li
     dec_width = int(blocks_needed[:num_dec].max()) if num_dec else 0
     pre_width = int(blocks_needed[num_dec:].max()) if num_dec < n else 0
     samples = np.fromiter((s.samples for s in ordered), bool, n)
+    lp_indices: list[int] = []
+    lp_token_ids: list[int] = []
+    lp_k = 0
+    for i, s in enumerate(ordered):
+        span = prompt_logprobs_span(s)
+        if span is not None:
+            first = int(cum[i] - num_new[i]) - s.request.num_computed_tokens  # token index of position 0
+            lp_indices.extend(range(first + span[0], first + span[1]))
+            lp_token_ids.extend(s.request.prompt_token_ids[span[0] + 1 : span[1] + 1])
+            lp_k = max(lp_k, s.request.sampling_params.prompt_logprobs)
     return StepInputs(
         input_ids=torch.tensor(input_ids, dtype=torch.long),
         positions=torch.from_numpy(positions),
@@ -102,7 +150,50 @@ def prepare_inputs(ordered: list[ScheduledRequest], tables: np.ndarray, rows: li
         prefill_lens=torch.from_numpy(np.stack([num_new[num_dec:], end[num_dec:]], axis=1)).view(-1, 2),
         prefill_block_tables=torch.from_numpy(tables[rows_np[num_dec:], :pre_width].astype(np.int64)),
         logits_indices=torch.from_numpy((cum - 1)[samples]),
+        prompt_logprobs_indices=torch.tensor(lp_indices, dtype=torch.long),
+        prompt_logprobs_token_ids=torch.tensor(lp_token_ids, dtype=torch.long),
+        prompt_logprobs_k=torch.tensor([lp_k] if lp_indices else [], dtype=torch.long),
     )
+
+
+@dataclass
+class PromptLogprobRows:
+    """One step's prompt-logprob rows, in ``StepInputs.prompt_logprobs_indices`` order, on
+    the logits' device: the scored prompt token's logprob and the step's top-k."""
+
+    token_logprobs: torch.Tensor  # [P] float32
+    top_ids: torch.Tensor  # [P, k]
+    top_logprobs: torch.Tensor  # [P, k] float32
+
+
+@dataclass
+class ModelOutput:
+    logits: torch.Tensor
+    """float32 [num_sampled, vocab], the rows ``logits_indices`` names."""
+    prompt_logprobs: PromptLogprobRows | None = None
+    """Rank 0, when the step has prompt-logprob rows."""
+
+
+def add_prompt_logprobs(ordered: list[ScheduledRequest], rows: PromptLogprobRows) -> None:
+    """Append each request's rows of the step to ``Request.prompt_logprobs`` (prompt token
+    first, then its top-k). Call before the scheduler advances ``num_computed_tokens``."""
+    token_logprobs = rows.token_logprobs.tolist()
+    top_ids, top_logprobs = rows.top_ids.tolist(), rows.top_logprobs.tolist()
+    r = 0
+    for s in ordered:
+        span = prompt_logprobs_span(s)
+        if span is None:
+            continue
+        req = s.request
+        k = req.sampling_params.prompt_logprobs
+        for j in range(span[0], span[1]):
+            entry = {req.prompt_token_ids[j + 1]: token_logprobs[r]}
+            for t, v in zip(top_ids[r][:k], top_logprobs[r][:k]):
+                entry.setdefault(t, v)
+            req.prompt_logprobs.append(entry)
+            r += 1
+    if r != len(token_logprobs):
+        raise RuntimeError(f"{len(token_logprobs)} prompt-logprob rows for {r} positions")
 
 
 def kv_block_bytes(config: EngineConfig, tp: TPGroup) -> int:
@@ -136,15 +227,50 @@ class ModelRunner:
             )
             self.graphs.capture_all()
 
-    @torch.inference_mode()
     def execute(self, inputs: StepInputs) -> torch.Tensor:
         """Run one step; returns float32 logits [num_sampled, vocab] (on every rank)."""
+        return self.run(inputs).logits
+
+    @torch.inference_mode()
+    def run(self, inputs: StepInputs) -> ModelOutput:
+        """Run one step: the sampled rows' logits (every rank) and the prompt-logprob rows (rank 0)."""
+        # Only rank 0 reduces to the top-k; it reads k before the move, from the host (no sync).
+        k = int(inputs.prompt_logprobs_k[0]) if self.tp.rank == 0 and inputs.prompt_logprobs_k.shape[0] else 0
+        device = self.config.device
         if self.graphs is not None and self.graphs.can_run(inputs):
             hidden = self.graphs.run(inputs)
-            logits_indices = inputs.logits_indices.to(self.config.device)
+            logits_indices = inputs.logits_indices.to(device)
         else:
-            inputs = inputs.to(self.config.device)
+            inputs = inputs.to(device)
             meta = inputs.attention_metadata(self.block_size, self.attention)
             hidden = self.model(inputs.input_ids, inputs.positions, self.kv_cache, meta)
             logits_indices = inputs.logits_indices
-        return self.model.compute_logits(hidden[logits_indices]).float()
+        logits = self.model.compute_logits(hidden[logits_indices]).float()
+        prompt_logprobs = None
+        if inputs.prompt_logprobs_indices.shape[0]:
+            prompt_logprobs = self._prompt_logprobs(
+                hidden, inputs.prompt_logprobs_indices.to(device), inputs.prompt_logprobs_token_ids.to(device), k)
+        return ModelOutput(logits, prompt_logprobs)
+
+    def _prompt_logprobs(
+        self, hidden: torch.Tensor, indices: torch.Tensor, token_ids: torch.Tensor, k: int
+    ) -> PromptLogprobRows | None:
+        """log_softmax of the raw logits at ``indices``, PROMPT_LOGPROBS_ROWS at a time, each
+        slice reduced to the scored token's logprob and the top-k before the next slice."""
+        is_rank0 = self.tp.rank == 0
+        token_logprobs, top_ids, top_logprobs = [], [], []
+        for start in range(0, indices.shape[0], PROMPT_LOGPROBS_ROWS):
+            rows = indices[start : start + PROMPT_LOGPROBS_ROWS]
+            # Every rank takes part: the LM head all-gathers its vocabulary shards.
+            logits = self.model.compute_logits(hidden[rows]).float()  # [rows, vocab]
+            if not is_rank0:
+                continue
+            logprobs = torch.log_softmax(logits, dim=-1)
+            targets = token_ids[start : start + PROMPT_LOGPROBS_ROWS]
+            token_logprobs.append(logprobs.gather(1, targets.unsqueeze(1)).squeeze(1))
+            values, ids = logprobs.topk(k, dim=-1)
+            top_ids.append(ids)
+            top_logprobs.append(values)
+        if not is_rank0:
+            return None
+        return PromptLogprobRows(torch.cat(token_logprobs), torch.cat(top_ids), torch.cat(top_logprobs))

@@ -23,6 +23,10 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput]
     num_cached_tokens: int = 0
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """With ``SamplingParams.prompt_logprobs``: one entry per prompt token; entry 0 is None,
+    entry i maps prompt token i (first) and the top-k alternatives to their logprobs given
+    tokens 0..i-1. Shared by every completion of the request."""
 
     @property
     def finished(self) -> bool:
@@ -58,3 +62,6 @@ class CompletionDelta:
     finish_reason: str | None
     error: str | None = None
     """Why the request failed, with finish_reason "error"."""
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """The request's prompt logprobs (see ``RequestOutput``), on the first delta completion
+    0 sends (streamed: the one with its first token; otherwise its only one)."""

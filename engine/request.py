@@ -60,6 +60,10 @@ class Request:
     """Decode side: the prompt's KV comes from a prefill worker instead of being computed here."""
     hold_blocks: bool = False
     """Prefill side: keep the blocks after finishing until ``release`` (the transfer reads them)."""
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    """With ``prompt_logprobs`` asked, on the completion that computes the prompt (never on
+    n > 1 siblings): ``[None]`` then one dict per prompt position as chunks compute it (or
+    all at once from a prefill worker). Complete once it has ``num_prompt_tokens`` entries."""
 
     def __post_init__(self) -> None:
         salt = self.sampling_params.cache_salt
@@ -80,6 +84,15 @@ class Request:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_token_ids)
+
+    @property
+    def prompt_logprobs_position(self) -> int | None:
+        """First position whose logits the prompt logprobs still need (they give the next
+        prompt token's logprob); None when none are wanted or all are in. KV before it may
+        come from the prefix cache; from it on it must be computed here."""
+        if self.prompt_logprobs is None or len(self.prompt_logprobs) >= self.num_prompt_tokens:
+            return None
+        return len(self.prompt_logprobs) - 1
 
     @property
     def is_prefilling(self) -> bool:

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .config import SchedulerConfig
-from .kv_cache_manager import KVCacheManager
+from .kv_cache_manager import KVCacheManager, PrefixHit
 from .request import Request, RequestStatus
 
 
@@ -79,10 +79,15 @@ class Scheduler:
     # -- intake --------------------------------------------------------------------
 
     def add_request(self, request: Request, siblings: list[Request] = ()) -> None:
-        """Queue a request; ``siblings`` fork from it once its prompt is computed."""
+        """Queue a request; ``siblings`` fork from it once its prompt is computed.
+
+        Prompt logprobs, if asked, are collected on ``request`` only: siblings share them.
+        """
         for r in (request, *siblings):
             if r.request_id in self.requests:
                 raise ValueError(f"duplicate request_id {r.request_id!r}")
+        if request.sampling_params.prompt_logprobs is not None and request.prompt_logprobs is None:
+            request.prompt_logprobs = [None]
         self.requests[request.request_id] = request
         self.waiting.append(request)
         if siblings:
@@ -139,7 +144,7 @@ class Scheduler:
         while self.waiting and budget > 0 and self.num_seqs < self.config.max_num_seqs:
             req = self.waiting[0]
             holds_blocks = bool(self.kv.block_ids(req.request_id))
-            hit = self.kv.find_prefix(req) if not holds_blocks else None
+            hit = self._find_prefix(req) if not holds_blocks else None
             num_computed = req.num_computed_tokens if holds_blocks else hit.num_tokens
             # A remote prefill needs blocks for the whole prompt at once, and no compute here.
             is_remote = req.remote_prefill and not holds_blocks
@@ -166,6 +171,17 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, num_new))
             budget -= num_new
+
+    def _find_prefix(self, req: Request) -> PrefixHit:
+        """The prefix-cache hit, cut to the blocks before the first position whose prompt
+        logprobs are still missing: cached KV yields no logits (vLLM skips the cache for
+        such prompts too). Their blocks are still cached once computed."""
+        hit = self.kv.find_prefix(req)
+        position = req.prompt_logprobs_position
+        if position is None or hit.num_tokens <= position:
+            return hit
+        num_blocks = position // self.kv.block_size
+        return PrefixHit(hit.blocks[:num_blocks], num_blocks * self.kv.block_size)
 
     def complete_remote_prefill(self, request_id: str) -> Request:
         """The prompt's KV has arrived: the request joins the running batch to decode."""

@@ -65,13 +65,48 @@ _FILE_NAMES = (
 LINEAR_STD = 0.02
 EMBEDDING_STD = 0.05
 
-# Llama-3 style chat template: BOS, then one header-delimited turn per message.
+# Llama-3 style chat template: BOS, then one header-delimited turn per message. Tools
+# follow Qwen 2.5 / Hermes: with ``tools``, a system turn lists them (merged with a first
+# system message) and asks for <tool_call> blocks, which assistant turns with
+# ``tool_calls`` render back; a tool result is a "tool" turn inside <tool_response>.
+# Without tools and tool messages it renders exactly as the plain Llama-3 template did.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}"
+    "{{ '<|start_header_id|>system<|end_header_id|>\\n\\n' }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{{ messages[0]['content'] | trim }}{{ '\\n\\n' }}"
+    "{% endif %}"
+    "{{ '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{% for tool in tools %}{{ '\\n' }}{{ tool | tojson }}{% endfor %}"
+    "{{ '\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments "
+    "within <tool_call></tool_call> XML tags:\\n<tool_call>\\n"
+    "{\"name\": <function-name>, \"arguments\": <args-json-object>}\\n</tool_call><|eot_id|>' }}"
+    "{% endif %}"
     "{% for message in messages %}"
+    "{% if tools and loop.first and message['role'] == 'system' %}"
+    "{% elif message['role'] == 'assistant' and message['tool_calls'] %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
+    "{% if message['content'] %}{{ message['content'] | trim }}{% endif %}"
+    "{% for tool_call in message['tool_calls'] %}"
+    "{% if tool_call['function'] is defined %}{% set tool_call = tool_call['function'] %}{% endif %}"
+    "{% if message['content'] or not loop.first %}{{ '\\n' }}{% endif %}"
+    "{{ '<tool_call>\\n{\"name\": \"' + tool_call['name'] + '\", \"arguments\": ' }}"
+    "{% if tool_call['arguments'] is string %}{{ tool_call['arguments'] }}"
+    "{% else %}{{ tool_call['arguments'] | tojson }}{% endif %}"
+    "{{ '}\\n</tool_call>' }}"
+    "{% endfor %}"
+    "{{ '<|eot_id|>' }}"
+    "{% elif message['role'] == 'tool' %}"
+    "{{ '<|start_header_id|>tool<|end_header_id|>\\n\\n<tool_response>\\n' }}"
+    "{{ message['content'] | trim }}"
+    "{{ '\\n</tool_response><|eot_id|>' }}"
+    "{% else %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
     "{{ message['content'] | trim }}"
     "{{ '<|eot_id|>' }}"
+    "{% endif %}"
     "{% endfor %}"
     "{% if add_generation_prompt %}"
     "{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}"
@@ -312,10 +347,12 @@ def ensure_tiny_model(path: str | Path, *, seed: int = 0) -> Path:
     The model is built in a sibling temporary directory and renamed into place,
     so an interrupted run never leaves a half-written model at ``path``. If a
     concurrent caller wins the race, its model is kept. ``path`` may be an
-    empty directory; a non-empty one without ``config.json`` is an error.
+    empty directory; a non-empty one without ``config.json`` is an error. A tiny
+    model written by an older version gets the current ``CHAT_TEMPLATE``.
     """
     target = Path(path)
     if (target / "config.json").is_file():
+        _refresh_chat_template(target)
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
@@ -332,6 +369,32 @@ def ensure_tiny_model(path: str | Path, *, seed: int = 0) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _refresh_chat_template(model_dir: Path) -> None:
+    """Rewrite ``tokenizer_config.json`` of a tiny model whose chat template is stale, to the
+    bytes ``make_tiny_model`` writes now (nothing else depends on the template). Directories
+    that are not this tiny model are left alone; a read-only one only warns."""
+    path = model_dir / "tokenizer_config.json"
+    try:
+        config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+        tok_config = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    if not isinstance(config, dict) or not isinstance(tok_config, dict):
+        return
+    is_tiny = config.get("vocab_size") == VOCAB_SIZE and all(config.get(k) == v for k, v in MODEL_CONFIG.items())
+    if not is_tiny or tok_config.get("chat_template") == CHAT_TEMPLATE:
+        return
+    tok_config["chat_template"] = CHAT_TEMPLATE
+    tmp = model_dir / f".tokenizer_config.json.tmp-{os.getpid()}"
+    try:
+        _write_json(tmp, tok_config)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except OSError as e:
+        warnings.warn(f"could not update the chat template of {model_dir}: {e}", stacklevel=3)
+        tmp.unlink(missing_ok=True)
 
 
 def tiny_model_digest(model_dir: str | Path) -> dict[str, str]:

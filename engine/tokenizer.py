@@ -221,6 +221,10 @@ class Tokenizer:
     def token_to_id(self, token: str) -> int | None:
         return self._backend.token_to_id(token)
 
+    def to_json(self) -> str:
+        """The backend tokenizer as ``tokenizer.json`` text (what grammar engines load)."""
+        return self._backend.to_str()
+
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Token ids of ``text``; special tokens (e.g. BOS) come from the post-processor."""
         if not isinstance(text, str):
@@ -230,14 +234,29 @@ class Tokenizer:
     def decode(self, token_ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         return self._backend.decode(list(token_ids), skip_special_tokens=skip_special_tokens)
 
+    @functools.cached_property
+    def added_token_ids(self) -> frozenset[int]:
+        """Ids of the added tokens (special or not): the ones ``spaces_between_special_tokens``
+        separates from the text around them."""
+        return frozenset(self._backend.get_added_tokens_decoder())
+
+    def convert_ids_to_tokens(self, token_ids: Sequence[int]) -> list[str]:
+        """The vocabulary's own strings of ``token_ids`` (byte-level ``"Ġhello"``, not text)."""
+        return [self._backend.id_to_token(t) or "" for t in token_ids]
+
     def apply_chat_template(
         self,
         messages: list[dict[str, Any]],
         add_generation_prompt: bool = True,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
         **template_kwargs: Any,
     ) -> str:
         """Render ``messages`` with the model's chat template (as HF ``tokenize=False``).
 
+        ``tools``: function definitions in OpenAI's shape (``{"type": "function",
+        "function": {...}}``), as HF's ``tools=``; ``template_kwargs`` become template
+        variables too (a request's ``chat_template_kwargs``, e.g. ``enable_thinking``).
         The rendered text usually already contains BOS, so encode it with
         ``add_special_tokens=False`` (or use ``encode_chat``).
         """
@@ -249,13 +268,23 @@ class Tokenizer:
         context: dict[str, Any] = {"tools": None, "documents": None}
         context.update(self._template_tokens)
         context.update(template_kwargs)
+        context["tools"] = None if tools is None else list(tools)
         context["messages"] = validated
         context["add_generation_prompt"] = bool(add_generation_prompt)
         return self._compiled_template.render(**context)
 
-    def encode_chat(self, messages: list[dict[str, Any]], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of the rendered chat (no extra BOS; as HF ``apply_chat_template(tokenize=True)``)."""
-        return self.encode(self.apply_chat_template(messages, add_generation_prompt), add_special_tokens=False)
+    def encode_chat(
+        self,
+        messages: list[dict[str, Any]],
+        add_generation_prompt: bool = True,
+        *,
+        tools: Sequence[Mapping[str, Any]] | None = None,
+        **template_kwargs: Any,
+    ) -> list[int]:
+        """Token ids of the rendered chat (no extra BOS; as HF ``apply_chat_template(tokenize=True)``);
+        ``tools`` and ``template_kwargs`` as in ``apply_chat_template``."""
+        text = self.apply_chat_template(messages, add_generation_prompt, tools=tools, **template_kwargs)
+        return self.encode(text, add_special_tokens=False)
 
 
 def _bos_eos_processor(

@@ -1,6 +1,8 @@
 """The prefill server: computes prompts (batched and chunked with others, behind its
 own prefix cache), samples each prompt's first token, writes the KV blocks the
-decode worker lacks into that worker's destination blocks, and answers.
+decode worker lacks into that worker's destination blocks, and answers (with the
+prompt logprobs when they were asked: the engine computes every prompt position
+for such a request, skipping its prefix cache).
 
 Blocks stay allocated from the end of the prompt until the transfer finished or
 failed, then go back to the pool (their full blocks remain in the prefix cache).
@@ -90,6 +92,11 @@ class PrefillService(pb_grpc.PrefillServicer):
         resp = pb.PrefillResponse(request_id=rid, first_token_id=token, transfer=stats)
         if delta.logprobs:
             resp.first_logprobs.CopyFrom(convert.logprobs_message(delta.logprobs[0], token))
+        if delta.prompt_logprobs is not None:
+            # Positions 1.. only (position 0 has none), the prompt token first in each.
+            prompt = request.prompt_token_ids
+            resp.prompt_logprobs.extend(
+                convert.logprobs_message(lp, prompt[i]) for i, lp in enumerate(delta.prompt_logprobs) if i)
         return resp
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:

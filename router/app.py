@@ -1,14 +1,22 @@
 """The OpenAI-compatible HTTP API (FastAPI), served by uvicorn.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (both with
-``stream: true`` as server-sent events), ``GET /v1/models``, ``GET /health``
-(liveness), ``GET /ready`` (at least one prefill-capable and one decode-capable worker
-registered), ``GET /metrics`` (Prometheus).
+``stream: true`` as server-sent events), ``GET /v1/models`` and ``/v1/models/{id}``,
+``POST /tokenize`` and ``/detokenize`` (vLLM's), ``GET /health`` (liveness),
+``GET /ready`` (at least one prefill-capable and one decode-capable worker registered),
+``GET /metrics`` (Prometheus), ``GET /openapi.json`` and ``/docs``. The API key, when
+set, guards every route but ``/health``, ``/ready`` and ``/metrics`` (the documents too:
+they describe what this server accepts, which is nobody else's business; fetch them
+with the key, e.g. ``curl -H "Authorization: Bearer $KEY" .../openapi.json``).
 
 Order of checks for a generation request, cheapest first: API key (401), in-flight
 limit (503 + Retry-After), body size (413, from Content-Length and from the bytes
-actually read), JSON and types (400), model (404), values and lengths (400), routing
-(503 when no worker). Every error is OpenAI's envelope. Streaming requests answer
+actually read), JSON and types (400; nesting deeper than 64 levels too), model (404),
+field policies (400: a field this server does not honour, at a value other than its
+neutral one, or an unknown field; ``fields.py``), values and lengths (400), routing
+(503 when no worker); ``prepare.py`` does the middle part. Routes read the raw body (for
+the size limit and those checks), so the OpenAPI document gets the request models'
+schemas through ``openapi_extra``. Every error is OpenAI's envelope. Streaming requests answer
 their headers once the first token (or an error) arrives, so a request that cannot
 start gets a real status code; a failure after that ends the stream with
 ``data: {"error": ...}`` and ``data: [DONE]``. A client that goes away, streaming or
@@ -26,21 +34,24 @@ import json
 import logging
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from pdserve.engine.sampling_params import SamplingParams
-
+from . import prepare
+from .errors import APIError, invalid
+from .fields import openapi_schemas
 from .gateway import Gateway, GatewayConfig
 from .generation import Generation, coalesce
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
-from .schemas import APIError, ChatCompletionRequest, CompletionRequest, ResponseBuilder, invalid, parse
+from .responses import ResponseBuilder
+from .schemas import REQUEST_MODELS
 
 log = logging.getLogger("pdserve.gateway")
 
@@ -85,20 +96,45 @@ def create_app(config: GatewayConfig, *, router: Any = None) -> FastAPI:
 
     v1 = APIRouter(prefix="/v1", dependencies=[Depends(authenticate)])
 
-    @v1.post("/completions")
+    @v1.post("/completions", openapi_extra=_request_body("CompletionRequest"))
     async def completions(request: Request) -> Response:
         return await _generate(gateway, request, chat=False)
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", openapi_extra=_request_body("ChatCompletionRequest"))
     async def chat_completions(request: Request) -> Response:
         return await _generate(gateway, request, chat=True)
 
+    def model_card() -> dict[str, Any]:
+        return {"id": config.model_name, "object": "model", "created": 0, "owned_by": "pdserve",
+                "max_model_len": gateway.context_len}
+
     @v1.get("/models")
     async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": config.model_name, "object": "model", "created": 0,
-                                            "owned_by": "pdserve", "max_model_len": gateway.context_len}]}
+        return {"object": "list", "data": [model_card()]}
+
+    @v1.get("/models/{model_id:path}")
+    async def model(model_id: str) -> dict[str, Any]:
+        prepare.check_model(gateway, model_id)
+        return model_card()
 
     app.include_router(v1)
+
+    @app.post("/tokenize", dependencies=[Depends(authenticate)],
+              openapi_extra=_request_body("TokenizeCompletionRequest", "TokenizeChatRequest"))
+    async def tokenize(request: Request) -> Response:
+        return await _answer(gateway, request, prepare.tokenize)
+
+    @app.post("/detokenize", dependencies=[Depends(authenticate)], openapi_extra=_request_body("DetokenizeRequest"))
+    async def detokenize(request: Request) -> Response:
+        return await _answer(gateway, request, prepare.detokenize)
+
+    @app.get("/openapi.json", include_in_schema=False, dependencies=[Depends(authenticate)])
+    async def openapi() -> JSONResponse:
+        return JSONResponse(app.openapi())
+
+    @app.get("/docs", include_in_schema=False, dependencies=[Depends(authenticate)])
+    async def docs() -> HTMLResponse:
+        return get_swagger_ui_html(openapi_url="/openapi.json", title=f"{app.title} - docs")
 
     @app.get("/health")
     async def health() -> dict[str, str]:
@@ -120,7 +156,24 @@ def create_app(config: GatewayConfig, *, router: Any = None) -> FastAPI:
         it names internal addresses."""
         return gateway.metrics_targets()
 
+    app.openapi = lambda: _openapi(app)
     return app
+
+
+def _request_body(*models: str) -> dict[str, Any]:
+    """``openapi_extra`` naming a route's request model(s): the route reads the raw body."""
+    refs = [{"$ref": f"#/components/schemas/{m}"} for m in models]
+    schema = refs[0] if len(refs) == 1 else {"oneOf": refs}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    if app.openapi_schema is None:
+        doc = get_openapi(title=app.title, version=app.version, routes=app.routes,
+                          description="OpenAI-compatible API (with vLLM's extensions) of a pdserve cluster.")
+        doc.setdefault("components", {}).setdefault("schemas", {}).update(openapi_schemas(REQUEST_MODELS))
+        app.openapi_schema = doc
+    return app.openapi_schema
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -145,7 +198,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
 
 def _endpoint(request: Request) -> str:
-    return request.url.path.removeprefix("/v1/").replace("/", "_")
+    """The metric label of a route: its path template, never the client's path."""
+    route = request.scope.get("route")
+    path = getattr(route, "path", None) or request.url.path
+    return path.split("/{")[0].removeprefix("/v1/").strip("/").replace("/", "_")
 
 
 def _outcome(e: APIError) -> str:
@@ -170,14 +226,15 @@ async def _generate(gateway: Gateway, request: Request, *, chat: bool) -> Respon
         try:
             body, size = await _read_json(request, gateway.config.max_body_bytes)
             if size > _INLINE_BODY_BYTES:  # tokenizing a big prompt would stall every other request
-                job = await asyncio.to_thread(_prepare, gateway, body, chat)
+                job = await asyncio.to_thread(prepare.prepare_generation, gateway, body, chat)
             else:
-                job = _prepare(gateway, body, chat)
+                job = prepare.prepare_generation(gateway, body, chat)
             gen = gateway.generate(job.prompts, job.params, arrival)
             builder = ResponseBuilder(chat=chat, request_id=gen.request_id, model=gateway.config.model_name,
                                       num_choices=len(job.prompts) * job.params.n,
                                       num_top_logprobs=job.num_top_logprobs, token_text=gateway.token_text,
-                                      include_usage=job.include_usage)
+                                      include_usage=job.include_usage, continuous_usage=job.continuous_usage,
+                                      num_prompt_tokens=gen.num_prompt_tokens)
             headers = {"X-Request-Id": gen.request_id}
             if not job.stream:
                 result = await _until_disconnect(request, _collect(gen, builder))
@@ -203,50 +260,6 @@ async def _generate(gateway: Gateway, request: Request, *, chat: bool) -> Respon
         raise
 
 
-@dataclass(frozen=True)
-class _Job:
-    """A validated generation request."""
-
-    prompts: list[list[int]]
-    params: SamplingParams
-    stream: bool
-    include_usage: bool
-    num_top_logprobs: int | None
-
-
-def _prepare(gateway: Gateway, body: Any, chat: bool) -> _Job:
-    """Validate a body: 400/404 on anything a worker would refuse or we do not support."""
-    config = gateway.config
-    req = parse(ChatCompletionRequest if chat else CompletionRequest, body)
-    if req.model != config.model_name:
-        raise APIError(404, f"The model '{req.model}' does not exist; this server serves '{config.model_name}'",
-                       param="model", code="model_not_found")
-    refusal = req.unsupported()
-    if refusal is not None:
-        raise refusal
-    if chat:
-        prompts = [gateway.encode_chat(req.template_messages())]
-        prompt_param = "messages"
-        max_tokens_param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if max_tokens is None:  # as OpenAI: whatever room the context leaves
-            max_tokens = max(gateway.context_len - len(prompts[0]), 1)
-        logprobs = (req.top_logprobs or 0) if req.logprobs else None
-        logprobs_param = "top_logprobs"
-    else:
-        prompts = gateway.encode_prompts(req.prompt)
-        prompt_param, max_tokens_param = "prompt", "max_tokens"
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens
-        logprobs, logprobs_param = req.logprobs, "logprobs"
-    if max_tokens < 1:
-        raise invalid(f"{max_tokens_param} must be >= 1, got {max_tokens}", param=max_tokens_param)
-    params = gateway.sampling_params(req, max_tokens=max_tokens, max_tokens_param=max_tokens_param,
-                                     logprobs=logprobs, logprobs_param=logprobs_param)
-    for prompt_ids in prompts:
-        gateway.check_length(prompt_ids, max_tokens, prompt_param, max_tokens_param)
-    return _Job(prompts, params, bool(req.stream), req.include_usage, logprobs)
-
-
 async def _read_json(request: Request, limit: int) -> tuple[Any, int]:
     """The decoded body and its size in bytes."""
     too_large = APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
@@ -265,6 +278,19 @@ async def _read_json(request: Request, limit: int) -> tuple[Any, int]:
         return json.loads(body, parse_constant=_reject_constant), len(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise invalid(f"the request body is not valid JSON: {e}") from None
+    except RecursionError:
+        raise invalid("the request body nests objects and arrays too deeply") from None
+
+
+async def _answer(gateway: Gateway, request: Request, handle: Callable[[Gateway, Any], dict[str, Any]]) -> Response:
+    """A small JSON request (``/tokenize``, ``/detokenize``): read, bounded, answered."""
+    try:
+        body, size = await _read_json(request, gateway.config.max_body_bytes)
+    except ClientGone:
+        return Response(status_code=499)  # nobody reads it
+    if size > _INLINE_BODY_BYTES:
+        return JSONResponse(await asyncio.to_thread(handle, gateway, body))
+    return JSONResponse(handle(gateway, body))
 
 
 def _reject_constant(name: str) -> Any:
@@ -298,7 +324,7 @@ async def _wait_disconnect(request: Request) -> None:
 async def _collect(gen: Generation, builder: ResponseBuilder) -> dict[str, Any]:
     while (delta := await gen.next()) is not None:
         builder.add(delta)
-    return builder.body(gen.num_prompt_tokens, gen.num_completion_tokens)
+    return builder.body(gen.num_prompt_tokens, gen.num_completion_tokens, gen.num_cached_tokens)
 
 
 _encode_json = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
@@ -335,7 +361,8 @@ class _SSEResponse(StreamingResponse):
                     events = []
                 delta = await gen.next()
             if builder.include_usage:
-                yield _sse(builder.usage_chunk(gen.num_prompt_tokens, gen.num_completion_tokens))
+                yield _sse(builder.usage_chunk(gen.num_prompt_tokens, gen.num_completion_tokens,
+                                               gen.num_cached_tokens))
             self.outcome = "success"
         except APIError as e:
             self.outcome = _outcome(e)

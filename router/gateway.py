@@ -43,7 +43,7 @@ from .events import EventFollower
 from .metrics import GatewayMetrics
 from .policy import Router
 from .generation import Generation
-from .schemas import APIError, invalid
+from .errors import APIError, invalid
 
 log = logging.getLogger("pdserve.gateway")
 
@@ -281,8 +281,9 @@ class Gateway:
         self.num_inflight -= 1
         self.metrics.running.set(self.num_inflight)
 
-    def encode_prompts(self, prompt: str | list) -> list[list[int]]:
-        """Token ids of each prompt of a completions request (string, strings, ids, id lists)."""
+    def encode_prompts(self, prompt: str | list, add_special_tokens: bool = True) -> list[list[int]]:
+        """Token ids of each prompt of a completions request (string, strings, ids, id lists);
+        ``add_special_tokens`` (vLLM): the tokenizer adds its BOS to text prompts."""
         if isinstance(prompt, str) or (prompt and isinstance(prompt[0], int)):
             prompts = [prompt]
         else:
@@ -296,13 +297,22 @@ class Gateway:
             if len(p) == 0:
                 raise invalid("prompt must not be empty", param="prompt")
             if isinstance(p, str):
-                out.append(self.tokenizer.encode(p))
+                out.append(self.tokenizer.encode(p, add_special_tokens=add_special_tokens))
             else:
-                bad = next((t for t in p if not 0 <= t < self.vocab_size), None)
-                if bad is not None:
-                    raise invalid(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", param="prompt")
-                out.append(list(p))
+                out.append(self.check_token_ids(p, "prompt"))
         return out
+
+    def check_token_ids(self, token_ids: list[int], param: str) -> list[int]:
+        """``token_ids`` when every one is in the vocabulary; 400 naming ``param`` otherwise."""
+        bad = next((t for t in token_ids if not 0 <= t < self.vocab_size), None)
+        if bad is not None:
+            raise invalid(f"token id {bad} is outside the vocabulary [0, {self.vocab_size})", param=param)
+        return list(token_ids)
+
+    @property
+    def template_knows_developer(self) -> bool:
+        """The chat template mentions the developer role (otherwise it becomes system, as in vLLM)."""
+        return "developer" in (self.tokenizer.chat_template or "")
 
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         if self.tokenizer.chat_template is None:

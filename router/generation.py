@@ -4,8 +4,10 @@ Closing a :class:`Generation` (finished, failed, or the client went away) cancel
 every gRPC call still open; the decode worker then aborts the request, on the
 prefill worker too, and frees its blocks. A reader that lags (the client reads slowly,
 the event loop is busy) takes everything that arrived at once (``ready``) and writes
-it merged per choice (``coalesce``), so lagging costs fewer writes, not more. Nothing
-here imports torch.
+it merged per choice (``coalesce``), so lagging costs fewer writes, not more. A
+prompt's block hashes, which the router looks up in its prefix index, are salted with
+the request's ``cache_salt`` exactly as the workers salt the blocks they report, so a
+salted prompt only ever matches blocks of its own salt. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from pdserve.engine.hashing import block_hashes
+from pdserve.engine.hashing import block_hashes, cache_salt_keys
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.proto import convert
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 
 from .policy import NoWorkersError
-from .schemas import APIError, invalid
+from .errors import APIError, invalid
 
 if TYPE_CHECKING:
     from .gateway import Gateway
@@ -77,6 +79,9 @@ class Generation:
         self.request_id = uuid.uuid4().hex
         self.num_prompt_tokens = 0
         self.num_completion_tokens = 0
+        self.num_cached_tokens = 0
+        """Prompt tokens the workers served from their prefix caches (their final usage)."""
+        self._salt = cache_salt_keys(params.cache_salt)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._error: APIError | None = None
         """A failure ``ready()`` took from the queue; ``next()`` raises it."""
@@ -99,7 +104,7 @@ class Generation:
 
     def _call(self, i: int, prompt_ids: list[int], attempt: int) -> None:
         gw = self.gateway
-        hashes = block_hashes(prompt_ids, gw.config.block_size)
+        hashes = block_hashes(prompt_ids, gw.config.block_size, self._salt)
         try:
             decision = gw.router.route(prompt_ids, hashes)
         except NoWorkersError as e:
@@ -139,6 +144,8 @@ class Generation:
                         500, f"generation failed on the serving cluster (request {self.request_id})",
                         type="server_error", code="generation_failed"))
                     return
+                if msg.HasField("usage"):
+                    self.num_cached_tokens += msg.usage.cached_tokens
                 reason = convert.finish_reason_name(msg.finish_reason)
                 num_finished += reason is not None
                 delta = Delta(i * n + msg.index, list(msg.token_ids), msg.text, list(msg.logprobs), reason)

@@ -7,8 +7,9 @@ default. OpenAI's ``logit_bias`` arrives keyed by token-id strings
 (``{"50256": -100}``) and leaves keyed by ints; token ids are checked against the
 model's vocabulary here, since the client learns nothing useful from a worker's
 refusal. ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``,
-``allowed_token_ids`` and ``ignore_eos`` are vLLM's extensions, with vLLM's names and
-meanings. Nothing here imports torch.
+``allowed_token_ids``, ``stop_token_ids``, ``ignore_eos``, ``skip_special_tokens``,
+``spaces_between_special_tokens``, ``include_stop_str_in_output`` and ``cache_salt`` are
+vLLM's extensions, with vLLM's names and meanings. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 from pdserve.engine.sampling_params import MAX_LOGIT_BIAS, MAX_TOKEN_ID_LIST, SamplingParams
 
-from .schemas import invalid
+from .errors import invalid
 
 # ASCII digits only: int() would also take " 5", "1_0" and "٣". Longer numbers cannot
 # be token ids anyway, and bounding the length keeps int() cheap.
@@ -58,6 +59,11 @@ def sampling_params(req: Any, *, vocab_size: int, max_n: int, max_logprobs: int,
             presence_penalty=req.presence_penalty or 0.0, frequency_penalty=req.frequency_penalty or 0.0,
             repetition_penalty=repetition_penalty, logit_bias=_logit_bias(req.logit_bias, vocab_size),
             min_tokens=min_tokens, allowed_token_ids=_allowed_token_ids(req.allowed_token_ids, vocab_size),
+            stop_token_ids=_stop_token_ids(req.stop_token_ids, vocab_size),
+            skip_special_tokens=_flag(req.skip_special_tokens, True),
+            spaces_between_special_tokens=_flag(req.spaces_between_special_tokens, True),
+            include_stop_str_in_output=_flag(req.include_stop_str_in_output, False),
+            cache_salt=req.cache_salt,
         )
     except ValueError as e:  # SamplingParams names the field first ("top_p must be in ...")
         first = str(e).split(" ", 1)[0]
@@ -98,6 +104,22 @@ def _logit_bias(bias: dict[str, float] | None, vocab_size: int) -> dict[int, flo
                           param="logit_bias")
         out[token_id] = float(value)
     return out
+
+
+def _flag(value: bool | None, default: bool) -> bool:
+    return default if value is None else value
+
+
+def _stop_token_ids(ids: list[int] | None, vocab_size: int) -> tuple[int, ...]:
+    if not ids:
+        return ()
+    if len(ids) > MAX_TOKEN_ID_LIST:
+        raise invalid(f"stop_token_ids has {len(ids)} entries; at most {MAX_TOKEN_ID_LIST}", param="stop_token_ids")
+    bad = next((t for t in ids if not 0 <= t < vocab_size), None)
+    if bad is not None:
+        raise invalid(f"stop_token_ids: token id {bad} is outside the vocabulary [0, {vocab_size})",
+                      param="stop_token_ids")
+    return tuple(ids)
 
 
 def _allowed_token_ids(ids: list[int] | None, vocab_size: int) -> tuple[int, ...] | None:

@@ -1,63 +1,60 @@
-"""The OpenAI wire format at the gateway's edge: request models, errors, response bodies.
+"""The request bodies of the gateway's edge (OpenAI's API with vLLM's extensions), and
+what the server does with each of their fields.
 
-Untrusted JSON is validated here with pydantic (strict types: ``"0.5"`` is not a
-number, ``true`` is not an integer). Unknown fields are ignored, because OpenAI
-clients send fields this server does not know; that also means internal fields
-(``prefill_worker_id``, ``request_id``, transfer parameters) can never come from a
-client: no model below has them. Known OpenAI features the workers cannot honour
-(tools, echo, suffix, non-text response formats, ...) are refused with 400 instead of
-being silently ignored. Sampling fields (OpenAI's penalties and ``logit_bias``, vLLM's
-``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``allowed_token_ids``)
-are only typed here; ``sampling.py`` bounds them and builds the engine's parameters.
+Untrusted JSON is bounded (``fields.check_json``: nesting depth, unpaired surrogates),
+then validated with pydantic (strict types: ``"0.5"`` is not a number, ``true`` is not
+an integer). Each model's ``FIELDS`` table says, for every field it declares, whether
+the server honours it or refuses it at any value but its neutral one (``fields.py``);
+a field no model declares is unknown, a 400 unless null. So internal fields
+(``prefill_worker_id``, transfer parameters) can never come from a client, and no
+OpenAI or vLLM feature the workers cannot honour (beam search, audio, tools, echo, ...)
+is silently ignored. Sampling fields are only typed here; ``sampling.py`` bounds them
+and builds the engine's parameters.
 
-Every error leaves the gateway as :class:`APIError`, rendered in OpenAI's envelope
-``{"error": {"message", "type", "param", "code"}}``.
+Accepted but with nothing to act on: ``user``, ``safety_identifier`` and
+``prompt_cache_key`` (bounded strings, never logged nor used as metric labels) and
+``metadata`` (OpenAI's bounds: 16 pairs, keys of 64 and values of 512 characters),
+which only tags stored completions, and this server stores none.
 """
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable, Sequence
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import Field, ValidationError
 
-from pdserve.proto import pdserve_pb2 as pb
+from .errors import APIError, invalid
+from .fields import HONOURED, Body, Refused, check_json
+from .responses import ResponseBuilder, chat_logprobs, completion_logprobs, usage_body  # noqa: F401 - old home
 
+MAX_ID_CHARS = 256
+"""Length of ``user``, ``safety_identifier``, ``prompt_cache_key`` and ``cache_salt``."""
 
-class APIError(Exception):
-    """An error answered to the client with ``status`` and the OpenAI envelope."""
+CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.param = param
-        self.code = code
-        self.headers = headers or {}
-
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+_LATER = "is not supported by this server yet"
 
 
-def invalid(message: str, param: str | None = None, code: str | None = None) -> APIError:
-    return APIError(400, message, param=param, code=code)
-
-
-# -- requests -------------------------------------------------------------------------
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-
-class StreamOptions(_Model):
+class StreamOptions(Body):
     include_usage: bool | None = False
+    """A last chunk carries the usage of the whole request."""
+    continuous_usage_stats: bool | None = False
+    """vLLM: with ``include_usage``, every chunk also carries the usage so far."""
+    include_obfuscation: bool | None = None
+    """OpenAI pads chunks with random characters by default; this server does not."""
+
+    FIELDS = {"include_usage": HONOURED, "continuous_usage_stats": HONOURED,
+              "include_obfuscation": Refused(False, reason="is not supported: chunks are never padded")}
 
 
-class _SamplingRequest(_Model):
+_SAMPLING_FIELDS = {name: HONOURED for name in (
+    "model", "n", "temperature", "top_p", "top_k", "min_p", "seed", "stop", "stream", "stream_options",
+    "ignore_eos", "user", "presence_penalty", "frequency_penalty", "logit_bias", "repetition_penalty",
+    "min_tokens", "allowed_token_ids", "stop_token_ids", "skip_special_tokens", "spaces_between_special_tokens",
+    "include_stop_str_in_output", "truncate_prompt_tokens", "cache_salt")}
+
+
+class _SamplingRequest(Body):
     """Fields both endpoints share."""
 
     model: str
@@ -70,8 +67,10 @@ class _SamplingRequest(_Model):
     stop: str | list[str] | None = None
     stream: bool | None = False
     stream_options: StreamOptions | None = None
-    ignore_eos: bool | None = False  # vLLM extension, handy for benchmarks
-    user: str | None = None  # accepted and ignored
+    ignore_eos: bool | None = False
+    """vLLM: generate past EOS (``stop_token_ids`` still stop)."""
+    user: str | None = Field(None, max_length=MAX_ID_CHARS)
+    """Accepted; never logged nor used as a label."""
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
@@ -80,93 +79,301 @@ class _SamplingRequest(_Model):
     repetition_penalty: float | None = None
     min_tokens: int | None = None
     allowed_token_ids: list[int] | None = None
+    stop_token_ids: list[int] | None = None
+    """Token ids that end the completion (their text is left out unless include_stop_str_in_output)."""
+    skip_special_tokens: bool | None = True
+    spaces_between_special_tokens: bool | None = True
+    """With skip_special_tokens false: added tokens are set off from the text by a space."""
+    include_stop_str_in_output: bool | None = False
+    truncate_prompt_tokens: int | None = None
+    """Keep only the last k (>= 1) prompt tokens (of the templated chat)."""
+    cache_salt: str | None = Field(None, min_length=1, max_length=MAX_ID_CHARS)
+    """Prefix-cache blocks are shared only between requests with the same salt."""
+    # Known, not honoured.
+    use_beam_search: bool | None = False
+    length_penalty: float | None = 1.0
+    bad_words: list[str] | None = None
+    logits_processors: list[Any] | None = None
+    priority: int | None = 0
+    request_id: str | None = None
+    return_tokens_as_token_ids: bool | None = False
+    return_token_ids: bool | None = False
+    kv_transfer_params: dict[str, Any] | None = None
+    vllm_xargs: dict[str, Any] | None = None
+    # Being built: each becomes HONOURED when it is wired in.
+    prompt_logprobs: int | None = None
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: str | dict[str, Any] | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    structural_tag: str | None = None
+    guided_decoding_backend: str | None = None
+    guided_whitespace_pattern: str | None = None
+
+    FIELDS = {
+        **_SAMPLING_FIELDS,
+        "use_beam_search": Refused(False, reason="is not supported: beam search is not implemented"),
+        "length_penalty": Refused(1.0, reason="only applies to beam search, which is not implemented"),
+        "bad_words": Refused([]),
+        "logits_processors": Refused([], reason="is not supported: no custom logits processors are loaded"),
+        "priority": Refused(0, reason="is not supported: requests are served first come, first served"),
+        "request_id": Refused(reason="cannot be chosen by the client: the server names requests"),
+        "return_tokens_as_token_ids": Refused(False),
+        "return_token_ids": Refused(False),
+        "kv_transfer_params": Refused(reason="is internal to this server"),
+        "vllm_xargs": Refused({}),
+        "prompt_logprobs": Refused(reason=_LATER),
+        "response_format": Refused({"type": "text"}, reason="other than type 'text' is not supported"),
+        "structured_outputs": Refused(reason=_LATER),
+        "guided_json": Refused(reason=_LATER),
+        "guided_regex": Refused(reason=_LATER),
+        "guided_choice": Refused(reason=_LATER),
+        "guided_grammar": Refused(reason=_LATER),
+        "structural_tag": Refused(reason=_LATER),
+        "guided_decoding_backend": Refused(reason="is not supported: there is one structured-output backend"),
+        "guided_whitespace_pattern": Refused(reason=_LATER),
+    }
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
 
-    def unsupported(self) -> APIError | None:
+    @property
+    def continuous_usage(self) -> bool:
+        return self.include_usage and bool(self.stream_options.continuous_usage_stats)
+
+    def check_values(self, where: str) -> None:
         if self.stream_options is not None and not self.stream:
-            return invalid("stream_options is only allowed when stream is true", param="stream_options")
-        return None
+            raise invalid("stream_options is only allowed when stream is true", param="stream_options")
 
 
 class CompletionRequest(_SamplingRequest):
     prompt: str | list[str] | list[int] | list[list[int]]
     max_tokens: int | None = 16
     logprobs: int | None = None
+    best_of: int | None = None
+    """Honoured when it equals n (the n completions are the n best of n)."""
+    add_special_tokens: bool | None = True
+    """vLLM: add the tokenizer's special tokens (BOS) to text prompts."""
     echo: bool | None = False
     suffix: str | None = None
-    best_of: int | None = None
+    prompt_embeds: Any = None
 
-    def unsupported(self) -> APIError | None:
-        if self.echo:
-            return invalid("echo is not supported by this server", param="echo")
-        if self.suffix:
-            return invalid("suffix is not supported by this server", param="suffix")
+    FIELDS = {
+        **_SamplingRequest.FIELDS,
+        "prompt": HONOURED, "max_tokens": HONOURED, "logprobs": HONOURED, "best_of": HONOURED,
+        "add_special_tokens": HONOURED,
+        "echo": Refused(False, reason=_LATER),
+        "suffix": Refused("", reason="is not supported: the model cannot insert text"),
+        "prompt_embeds": Refused(reason="is not supported: prompts are text or token ids"),
+    }
+
+    def check_values(self, where: str) -> None:
         if self.best_of is not None and self.best_of != (self.n or 1):
-            return invalid("best_of other than n is not supported by this server", param="best_of")
-        return super().unsupported()
+            raise invalid("best_of other than n is not supported by this server", param="best_of")
+        super().check_values(where)
 
 
-class ContentPart(_Model):
+class ContentPart(Body):
     type: str
     text: str | None = None
 
+    FIELDS = {"type": HONOURED, "text": HONOURED}
 
-class ChatMessage(_Model):
+
+class ChatMessage(Body):
     role: str
     content: str | list[ContentPart] | None = None
+    """Text, or text parts (joined with newlines); null only with tool_calls."""
+    name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    """Passed to the chat template as they are."""
+    tool_call_id: str | None = None
+    refusal: str | None = None
+    function_call: dict[str, Any] | None = None
+    audio: dict[str, Any] | None = None
+    reasoning_content: str | None = None
+
+    FIELDS = {"role": HONOURED, "content": HONOURED, "name": HONOURED, "tool_calls": HONOURED,
+              "tool_call_id": HONOURED, "refusal": Refused(), "function_call": Refused(reason=_LATER),
+              "audio": Refused(), "reasoning_content": Refused(reason=_LATER)}
+
+    def check_values(self, where: str) -> None:
+        if self.role not in CHAT_ROLES:
+            raise invalid(f"{where}role must be one of {sorted(CHAT_ROLES)}, got {_describe(self.role)}",
+                          param=f"{where}role")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise invalid(f"{where}content must be set (null only for an assistant message with tool_calls)",
+                          param=f"{where}content")
+        if isinstance(self.content, list):
+            bad = next((p.type for p in self.content if p.type != "text" or p.text is None), None)
+            if bad is not None:
+                raise invalid(f"{where.rstrip('.')}: content parts of type {_describe(bad)} are not supported",
+                              param=f"{where}content")
+
+    def template_message(self, developer_role: bool) -> dict[str, Any]:
+        """This message as the chat template takes it (vLLM's conversion: text parts
+        joined with newlines, ``developer`` as ``system`` for templates that do not know it)."""
+        if isinstance(self.content, list):
+            text = "\n".join(p.text for p in self.content)
+        else:
+            text = self.content or ""
+        role = "system" if self.role == "developer" and not developer_role else self.role
+        out: dict[str, Any] = {"role": role, "content": text}
+        for key in ("name", "tool_calls", "tool_call_id"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
 
 
-CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
+_CHAT_TEMPLATE_FIELDS = {
+    "add_generation_prompt": Refused(True, reason=_LATER),
+    "continue_final_message": Refused(False, reason=_LATER),
+    "add_special_tokens": Refused(False, reason=_LATER),
+    "documents": Refused(reason=_LATER),
+    "chat_template": Refused(reason="is not supported: the model's own template is used"),
+    "chat_template_kwargs": Refused({}, reason=_LATER),
+    "mm_processor_kwargs": Refused({}, reason="is not supported: the model takes text only"),
+    "tools": Refused([], reason=_LATER),
+}
 
 
 class ChatCompletionRequest(_SamplingRequest):
-    messages: list[ChatMessage]
+    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = False
     top_logprobs: int | None = None
+    safety_identifier: str | None = Field(None, max_length=MAX_ID_CHARS)
+    """Accepted; never logged nor used as a label."""
+    prompt_cache_key: str | None = Field(None, max_length=MAX_ID_CHARS)
+    """Accepted: prefix caching here needs no hint."""
+    metadata: dict[str, str] | None = Field(None, max_length=16)
+    """Accepted: it tags stored completions, and none are stored."""
+    # Known to OpenAI, not honoured.
+    store: bool | None = False
+    service_tier: str | None = None
+    modalities: list[str] | None = None
+    audio: dict[str, Any] | None = None
+    prediction: dict[str, Any] | None = None
+    web_search_options: dict[str, Any] | None = None
+    verbosity: str | None = None
+    prompt_cache_retention: str | None = None
+    prompt_cache_options: dict[str, Any] | None = None
+    moderation: dict[str, Any] | None = None
+    best_of: int | None = None
+    # Known to vLLM, not honoured yet (the chat template's inputs).
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    add_special_tokens: bool | None = False
+    documents: list[dict[str, Any]] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    media_io_kwargs: dict[str, Any] | None = None
+    # Being built: each becomes HONOURED when it is wired in.
+    echo: bool | None = False
     tools: list[Any] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    function_call: str | dict[str, Any] | None = None
+    reasoning_effort: str | None = None
+    include_reasoning: bool | None = True
 
-    def unsupported(self) -> APIError | None:
-        if self.tools or self.functions:
-            param = "tools" if self.tools else "functions"
-            return invalid("tool calling is not supported by this server", param=param)
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return invalid("only response_format type 'text' is supported", param="response_format")
+    FIELDS = {
+        **_SamplingRequest.FIELDS,
+        **_CHAT_TEMPLATE_FIELDS,
+        "messages": HONOURED, "max_tokens": HONOURED, "max_completion_tokens": HONOURED, "logprobs": HONOURED,
+        "top_logprobs": HONOURED, "safety_identifier": HONOURED, "prompt_cache_key": HONOURED,
+        "metadata": HONOURED,
+        "store": Refused(False, reason="is not supported: completions are not stored"),
+        "service_tier": Refused("auto", "default"),
+        "modalities": Refused(["text"], reason="is not supported: the model answers in text only"),
+        "audio": Refused(reason="is not supported: the model answers in text only"),
+        "prediction": Refused(reason="is not supported: there is no speculative decoding"),
+        "web_search_options": Refused(reason="is not supported: the server has no tools"),
+        "verbosity": Refused("medium"),
+        "prompt_cache_retention": Refused("in_memory"),
+        "prompt_cache_options": Refused(),
+        "moderation": Refused(),
+        "best_of": Refused(1, reason="is not supported for chat"),
+        "media_io_kwargs": Refused({}, reason="is not supported: the model takes text only"),
+        "echo": Refused(False, reason=_LATER),
+        "tool_choice": Refused("none", "auto", reason=_LATER),
+        "parallel_tool_calls": Refused(True, False, reason=_LATER),  # means nothing without tools
+        "functions": Refused([], reason=_LATER),
+        "function_call": Refused("none", "auto", reason=_LATER),
+        "reasoning_effort": Refused(reason=_LATER),
+        "include_reasoning": Refused(True, reason=_LATER),
+    }
+
+    def check_values(self, where: str) -> None:
         if self.top_logprobs is not None and not self.logprobs:
-            return invalid("top_logprobs requires logprobs to be true", param="top_logprobs")
-        return super().unsupported()
+            raise invalid("top_logprobs requires logprobs to be true", param="top_logprobs")
+        for key, value in (self.metadata or {}).items():
+            if len(key) > 64 or len(value) > 512:
+                raise invalid("metadata keys must have at most 64 characters and values at most 512",
+                              param="metadata")
+        super().check_values(where)
 
-    def template_messages(self) -> list[dict[str, str]]:
-        """Messages as the chat template takes them (text content only)."""
-        out = []
-        for i, m in enumerate(self.messages):
-            if m.role not in CHAT_ROLES:
-                raise invalid(f"messages[{i}].role must be one of {sorted(CHAT_ROLES)}, got {m.role!r}",
-                              param=f"messages[{i}].role")
-            if isinstance(m.content, str):
-                text = m.content
-            elif m.content is None:
-                raise invalid(f"messages[{i}].content must be set", param=f"messages[{i}].content")
-            else:
-                bad = next((p.type for p in m.content if p.type != "text" or p.text is None), None)
-                if bad is not None:
-                    raise invalid(f"messages[{i}]: content parts of type {bad!r} are not supported",
-                                  param=f"messages[{i}].content")
-                text = "".join(p.text for p in m.content)
-            out.append({"role": m.role, "content": text})
-        return out
+    def template_messages(self, developer_role: bool = True) -> list[dict[str, Any]]:
+        """Messages as the chat template takes them (``developer_role``: the template
+        knows the developer role)."""
+        return [m.template_message(developer_role) for m in self.messages]
 
 
-def parse(model: type[_Model], data: Any) -> Any:
-    """Validate a decoded JSON body; a type error becomes 400 naming the field."""
+# -- /tokenize and /detokenize (vLLM's shapes) ----------------------------------------------
+
+
+class TokenizeCompletionRequest(Body):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool | None = True
+    return_token_strs: bool | None = False
+    """Also return each token's vocabulary string."""
+
+    FIELDS = {"model": HONOURED, "prompt": HONOURED, "add_special_tokens": HONOURED, "return_token_strs": HONOURED}
+
+
+class TokenizeChatRequest(Body):
+    model: str | None = None
+    messages: list[ChatMessage] = Field(min_length=1)
+    return_token_strs: bool | None = False
+    add_generation_prompt: bool | None = True
+    continue_final_message: bool | None = False
+    add_special_tokens: bool | None = False
+    documents: list[dict[str, Any]] | None = None
+    chat_template: str | None = None
+    chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: dict[str, Any] | None = None
+    tools: list[Any] | None = None
+
+    FIELDS = {"model": HONOURED, "messages": HONOURED, "return_token_strs": HONOURED, **_CHAT_TEMPLATE_FIELDS}
+
+    def template_messages(self, developer_role: bool = True) -> list[dict[str, Any]]:
+        return [m.template_message(developer_role) for m in self.messages]
+
+
+class DetokenizeRequest(Body):
+    model: str | None = None
+    tokens: list[int]
+
+    FIELDS = {"model": HONOURED, "tokens": HONOURED}
+
+
+REQUEST_MODELS: tuple[type[Body], ...] = (CompletionRequest, ChatCompletionRequest, TokenizeCompletionRequest,
+                                          TokenizeChatRequest, DetokenizeRequest)
+
+
+def parse(model: type[Body], data: Any) -> Any:
+    """Validate a decoded JSON body; a type error becomes 400 naming the field. Field
+    policies are checked by ``check()`` on the result (after the model name's 404)."""
     if not isinstance(data, dict):
         raise invalid(f"the request body must be a JSON object, got {type(data).__name__}")
+    check_json(data)
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -179,11 +386,18 @@ def invalid_from_validation(e: ValidationError) -> APIError:
     loc = first["loc"]
     param = str(loc[0]) if loc else None
     if first["type"] == "missing":
-        return invalid(f"'{param}' is a required property", param=param)
+        where = _where(loc)
+        return invalid(f"'{where}' is a required property", param=where if len(loc) > 1 else param)
     if len({err["loc"][:1] for err in errors}) == 1 and len(errors) > 1:  # a union: every member failed
         return invalid(f"invalid type for '{param}': got {_describe(first.get('input'))}", param=param)
-    where = ".".join(str(p) for p in loc)
-    return invalid(f"invalid value for '{where}': {first['msg']}", param=param)
+    return invalid(f"invalid value for '{_where(loc)}': {first['msg']}", param=param)
+
+
+def _where(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
 def _describe(value: Any) -> str:
@@ -191,144 +405,5 @@ def _describe(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-# -- responses --------------------------------------------------------------------------
-
-TokenText = Callable[[int], str]
-
-def usage_body(num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, int]:
-    return {"prompt_tokens": num_prompt_tokens, "completion_tokens": num_completion_tokens,
-            "total_tokens": num_prompt_tokens + num_completion_tokens}
-
-
-def _top(lp: pb.TokenLogprobs, num_top: int) -> list[tuple[int, float]]:
-    """The ``num_top`` most likely tokens of one position (the sampled one first in lp)."""
-    pairs = sorted(zip(lp.token_ids, lp.logprobs), key=lambda p: -p[1])
-    return pairs[:num_top]
-
-
-def completion_logprobs(lps: Sequence[pb.TokenLogprobs], num_top: int, token_text: TokenText,
-                        text_offset: int) -> dict[str, list]:
-    """The legacy completions ``logprobs`` object for ``lps``, offsets from ``text_offset``."""
-    out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-    for lp in lps:
-        token = token_text(lp.token_ids[0])
-        out["tokens"].append(token)
-        out["token_logprobs"].append(lp.logprobs[0])
-        out["top_logprobs"].append({token_text(t): v for t, v in _top(lp, num_top)})
-        out["text_offset"].append(text_offset)
-        text_offset += len(token)
-    return out
-
-
-def chat_logprobs(lps: Sequence[pb.TokenLogprobs], num_top: int, token_text: TokenText) -> list[dict[str, Any]]:
-    """Entries of the chat ``logprobs.content`` list for ``lps``."""
-
-    def entry(token_id: int, logprob: float) -> dict[str, Any]:
-        token = token_text(token_id)
-        return {"token": token, "logprob": logprob, "bytes": list(token.encode("utf-8"))}
-
-    return [{**entry(lp.token_ids[0], lp.logprobs[0]),
-             "top_logprobs": [entry(t, v) for t, v in _top(lp, num_top)]} for lp in lps]
-
-
-class ResponseBuilder:
-    """OpenAI bodies of one request built from its deltas (anything with ``index``,
-    ``token_ids``, ``text``, ``logprobs``, ``finish_reason``): ``chunk`` per delta while
-    streaming, or ``add`` per delta and one ``body`` at the end."""
-
-    def __init__(self, *, chat: bool, request_id: str, model: str, num_choices: int, num_top_logprobs: int | None,
-                 token_text: TokenText, include_usage: bool = False) -> None:
-        self.chat = chat
-        self.id = f"{'chatcmpl' if chat else 'cmpl'}-{request_id}"
-        self.model = model
-        self.created = int(time.time())
-        self.num_choices = num_choices
-        self.num_top = num_top_logprobs
-        self.token_text = token_text
-        self.include_usage = include_usage
-        self._text: list[list[str]] = [[] for _ in range(num_choices)]
-        self._logprobs: list[Any] = [None] * num_choices
-        self._text_offset = [0] * num_choices
-        self._finish: list[str | None] = [None] * num_choices
-
-    def _envelope(self, choices: list[dict[str, Any]], stream: bool) -> dict[str, Any]:
-        kind = ("chat.completion" if self.chat else "text_completion") + (".chunk" if stream and self.chat else "")
-        return {"id": self.id, "object": kind, "created": self.created, "model": self.model, "choices": choices}
-
-    def _logprobs_of(self, delta: Any) -> Any:
-        if self.num_top is None:
-            return None
-        if self.chat:
-            return {"content": chat_logprobs(delta.logprobs, self.num_top, self.token_text), "refusal": None}
-        lp = completion_logprobs(delta.logprobs, self.num_top, self.token_text, self._text_offset[delta.index])
-        self._text_offset[delta.index] += sum(len(t) for t in lp["tokens"])
-        return lp
-
-    # -- streaming ----------------------------------------------------------------
-
-    def start_chunks(self) -> list[dict[str, Any]]:
-        """Chat streams open every choice with the assistant role."""
-        if not self.chat:
-            return []
-        return [self._chunk({"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                             "finish_reason": None}) for i in range(self.num_choices)]
-
-    def _chunk(self, choice: dict[str, Any]) -> dict[str, Any]:
-        body = self._envelope([choice], stream=True)
-        if self.include_usage:
-            body["usage"] = None
-        return body
-
-    def chunk(self, delta: Any) -> dict[str, Any] | None:
-        """The chunk for ``delta``; None when it carries nothing to show (text held back)."""
-        if not delta.text and delta.finish_reason is None and (self.num_top is None or not delta.logprobs):
-            return None
-        logprobs = self._logprobs_of(delta)
-        if self.chat:
-            choice = {"index": delta.index, "delta": {"content": delta.text} if delta.text else {},
-                      "logprobs": logprobs, "finish_reason": delta.finish_reason}
-        else:
-            choice = {"index": delta.index, "text": delta.text, "logprobs": logprobs,
-                      "finish_reason": delta.finish_reason}
-        return self._chunk(choice)
-
-    def usage_chunk(self, num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, Any]:
-        body = self._envelope([], stream=True)
-        body["usage"] = usage_body(num_prompt_tokens, num_completion_tokens)
-        return body
-
-    # -- whole responses ------------------------------------------------------------
-
-    def add(self, delta: Any) -> None:
-        i = delta.index
-        self._text[i].append(delta.text)
-        if delta.finish_reason is not None:
-            self._finish[i] = delta.finish_reason
-        logprobs = self._logprobs_of(delta)
-        if logprobs is None:
-            return
-        if self._logprobs[i] is None:
-            self._logprobs[i] = logprobs
-        elif self.chat:
-            self._logprobs[i]["content"].extend(logprobs["content"])
-        else:
-            for key, values in logprobs.items():
-                self._logprobs[i][key].extend(values)
-
-    def body(self, num_prompt_tokens: int, num_completion_tokens: int) -> dict[str, Any]:
-        choices = []
-        for i in range(self.num_choices):
-            text = "".join(self._text[i])
-            logprobs = self._logprobs[i]
-            if logprobs is None and self.num_top is not None:  # no tokens at all
-                logprobs = {"content": [], "refusal": None} if self.chat else completion_logprobs([], 0, str, 0)
-            choice: dict[str, Any] = {"index": i}
-            if self.chat:
-                choice["message"] = {"role": "assistant", "content": text}
-            else:
-                choice["text"] = text
-            choice.update(logprobs=logprobs, finish_reason=self._finish[i])
-            choices.append(choice)
-        body = self._envelope(choices, stream=False)
-        body["usage"] = usage_body(num_prompt_tokens, num_completion_tokens)
-        return body
+__all__ = ["APIError", "ChatCompletionRequest", "CompletionRequest", "DetokenizeRequest", "REQUEST_MODELS",
+           "TokenizeChatRequest", "TokenizeCompletionRequest", "invalid", "parse"]

@@ -19,6 +19,7 @@ import openai
 import pytest
 
 from pdserve.deploy.processes import WorkerProcess, wait_all_free
+from pdserve.engine.hashing import block_hashes, cache_salt_keys
 from pdserve.deploy.store.embedded import ControlPlaneServer
 from pdserve.engine import LLM, SamplingParams
 from pdserve.engine.tiny_model import make_tiny_model
@@ -50,11 +51,13 @@ class Cluster:
         self.model = model_dir.name
         self.tokenizer = Tokenizer.from_dir(model_dir)
         self._servers: list[ServerThread] = []
+        self.apps = []
         self.url = self.gateway()
 
     def gateway(self, **overrides) -> str:
         cfg = dict(store_url=self.store.url, model_dir=str(self.model_dir), disagg_threshold_tokens=DISAGG_THRESHOLD)
-        srv = ServerThread(create_app(GatewayConfig(**{**cfg, **overrides})))
+        self.apps.append(create_app(GatewayConfig(**{**cfg, **overrides})))
+        srv = ServerThread(self.apps[-1])
         self._servers.append(srv)
         return srv.url
 
@@ -350,3 +353,105 @@ def test_metrics_targets_serve_prometheus_discovery(cluster):
     assert httpx.get(guarded + "/metrics/targets").status_code == 401
     ok = httpx.get(guarded + "/metrics/targets", headers={"Authorization": "Bearer k3y"})
     assert ok.status_code == 200 and len(ok.json()) == 2
+
+
+def test_vllm_text_fields_through_the_openai_client_equal_the_engine(cluster, llm):
+    """stop_token_ids, include_stop_str_in_output, skip_special_tokens and
+    spaces_between_special_tokens, truncate_prompt_tokens: the workers' text is the
+    engine's own, streamed or not."""
+    client, tok = cluster.client(), cluster.tokenizer
+    ids = tok.encode(SHORT)
+    greedy = dict(temperature=0.0, max_tokens=12, ignore_eos=True)
+    base = reference(llm, ids, **greedy)
+    stop_id = base.token_ids[5]
+    stop = base.text[len(base.text) // 2: len(base.text) // 2 + 3]
+    specials = sorted(t for t in llm.engine.tokenizer.special_token_ids if t not in llm.engine.eos_token_ids)[:2]
+    mix = dict(temperature=1.0, seed=5, max_tokens=16, ignore_eos=True,
+               allowed_token_ids=tok.encode(" a b", add_special_tokens=False) + specials)
+    cases = [dict(greedy, stop_token_ids=[stop_id]), dict(greedy, stop_token_ids=[stop_id], include_stop_str_in_output=True),
+             dict(greedy, stop=[stop], include_stop_str_in_output=True),
+             dict(mix, skip_special_tokens=False), dict(mix, skip_special_tokens=False, spaces_between_special_tokens=False)]
+    for kw in cases:
+        ref = reference(llm, ids, **kw)
+        extra = {k: v for k, v in kw.items() if k not in ("temperature", "max_tokens", "seed", "stop")}
+        out = client.completions.create(model=cluster.model, prompt=SHORT, temperature=kw["temperature"],
+                                        max_tokens=kw["max_tokens"], seed=kw.get("seed"), stop=kw.get("stop"),
+                                        extra_body=extra)
+        assert out.choices[0].text == ref.text and out.choices[0].finish_reason == ref.finish_reason, kw
+        chunks = list(client.completions.create(model=cluster.model, prompt=SHORT, temperature=kw["temperature"],
+                                                max_tokens=kw["max_tokens"], seed=kw.get("seed"), stop=kw.get("stop"),
+                                                stream=True, extra_body=extra))
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == ref.text, kw
+    assert " <|" in reference(llm, ids, **cases[3]).text  # the mix did set special tokens apart
+    # truncate_prompt_tokens: the last 8 tokens of the prompt, on both prefill paths' worth of prompt.
+    long_ids = tok.encode(LONG)
+    ref = reference(llm, long_ids[-8:], **greedy)
+    out = client.completions.create(model=cluster.model, prompt=LONG, extra_body={"truncate_prompt_tokens": 8,
+                                                                               "ignore_eos": True},
+                                    temperature=0, max_tokens=12)
+    assert out.choices[0].text == ref.text and out.usage.prompt_tokens == 8
+    assert cluster.wait_all_free()
+
+
+def test_usage_details_continuous_stats_and_neutral_openai_fields(cluster):
+    client = cluster.client()
+    stream = client.chat.completions.create(
+        model=cluster.model, messages=[{"role": "developer", "content": "terse"}, {"role": "user", "content": SHORT}],
+        max_completion_tokens=6, temperature=0, stream=True, extra_body={"ignore_eos": True},
+        stream_options={"include_usage": True, "continuous_usage_stats": True},
+        store=False, service_tier="auto", metadata={"team": "a"}, user="u1", safety_identifier="s1",
+        prompt_cache_key="k", modalities=["text"], parallel_tool_calls=True)
+    chunks = list(stream)
+    assert all(c.usage is not None for c in chunks)  # continuous: every chunk has the usage so far
+    assert [c.usage.completion_tokens for c in chunks if c.choices][0] == 0  # the role chunk
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= 0  # 0 until the decode worker reports hits
+    with pytest.raises(openai.BadRequestError) as e:
+        client.chat.completions.create(model=cluster.model, messages=[{"role": "user", "content": "x"}], store=True)
+    assert e.value.body["param"] == "store" and e.value.body["code"] == "unsupported_parameter"
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=cluster.model, prompt="x", extra_body={"frobnicate": 1})
+    assert e.value.body["param"] == "frobnicate"
+
+
+def test_cache_salt_keeps_tenants_apart_on_the_worker_and_in_the_router_index(cluster):
+    """Same prompt, two salts: no prefix hit across salts, a hit within one; and the
+    router's index, fed by the worker's KV events, finds the block only under its salt."""
+    prompt = list(range(3000, 3020))  # one full block, below the remote-prefill threshold
+    index = cluster.apps[0].state.gateway.router.index
+    body = {"model": cluster.model, "prompt": prompt, "max_tokens": 1}
+
+    def hits() -> int:
+        return cluster.d.stats().prefix_cache_hit_tokens
+
+    def run(salt: str | None) -> int:
+        before = hits()
+        r = httpx.post(cluster.url + "/v1/completions", json={**body, "cache_salt": salt}, timeout=30)
+        assert r.status_code == 200, r.text
+        return hits() - before
+
+    assert run("tenant-a") == 0
+    assert run("tenant-b") == 0 and run(None) == 0
+    assert run("tenant-a") == 16 and run("tenant-b") == 16 and run(None) == 16
+
+    def indexed(salt: str | None) -> dict:
+        return index.match(block_hashes(prompt, 16, cache_salt_keys(salt)), precise_only=True)
+
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not all(indexed(s) for s in ("tenant-a", "tenant-b", None)):
+        time.sleep(0.05)
+    assert indexed("tenant-a") == indexed("tenant-b") == indexed(None) == {"d0": 1}
+    assert indexed("tenant-c") == {}
+    assert cluster.wait_all_free()
+
+
+def test_tokenize_and_detokenize_with_the_real_tokenizer(cluster):
+    url, tok = cluster.url, cluster.tokenizer
+    r = httpx.post(url + "/tokenize", json={"model": cluster.model, "prompt": SHORT, "return_token_strs": True}).json()
+    assert r["tokens"] == tok.encode(SHORT) and r["count"] == len(r["tokens"])
+    assert r["token_strs"][1:] == [tok.convert_ids_to_tokens([t])[0] for t in r["tokens"][1:]]
+    messages = [{"role": "user", "content": SHORT}]
+    r = httpx.post(url + "/tokenize", json={"messages": messages}).json()
+    assert r["tokens"] == tok.encode_chat(messages) and r["max_model_len"] > r["count"]
+    back = httpx.post(url + "/detokenize", json={"tokens": tok.encode(SHORT)}).json()["prompt"]
+    assert back == tok.decode(tok.encode(SHORT), skip_special_tokens=False)

@@ -102,6 +102,10 @@ class FakeDecode(pb_grpc.DecodeServicer):
                 last = step == p.max_tokens - 1
                 msg = pb.GenerateResponse(request_id=request.request_id, index=i, token_ids=[tok], text=chr(tok),
                                           finish_reason=pb.LENGTH if last else pb.FINISH_REASON_UNSPECIFIED)
+                if last and i == (p.n or 1) - 1:  # the request's last message: its usage
+                    num_prompt = len(request.prompt_token_ids)
+                    msg.usage.CopyFrom(pb.Usage(prompt_tokens=num_prompt, completion_tokens=p.max_tokens * (p.n or 1),
+                                                cached_tokens=cached_tokens(num_prompt)))
                 if p.HasField("logprobs"):
                     msg.logprobs.append(pb.TokenLogprobs(token_ids=[tok] + [tok + 1 + k for k in range(p.logprobs)],
                                                          logprobs=[-0.5] + [-1.0 - k for k in range(p.logprobs)]))
@@ -110,6 +114,11 @@ class FakeDecode(pb_grpc.DecodeServicer):
 
     def Stats(self, request, context):
         return pb.StatsResponse(worker_id="d0", num_kv_blocks_total=64, num_kv_blocks_free=64)
+
+
+def cached_tokens(num_prompt_tokens: int) -> int:
+    """What the fake reports as prefix-cache hits: the full 16-token blocks but the last token's."""
+    return (num_prompt_tokens - 1) // 16 * 16
 
 
 def worker_info(worker_id: str, role: int, address: str) -> pb.WorkerInfo:
@@ -165,13 +174,18 @@ def sse_events(text: str) -> list:
 
 def test_completion_body_and_what_reaches_the_worker(cluster, url):
     fake = cluster[0]
+    # Internal fields cannot come from a client: unknown (or refused) unless null.
+    for name in ("prefill_worker_id", "request_id", "unknown_field"):
+        r = post(url, "/v1/completions", {"model": "fake", "prompt": "hi", name: "mine"})
+        assert check_error(r, 400, name)["message"].startswith(f"'{name}'" if name == "request_id" else "unknown")
     r = post(url, "/v1/completions", {"model": "fake", "prompt": "hi", "max_tokens": 3, "temperature": 0,
-                                      "prefill_worker_id": "evil", "request_id": "mine", "unknown_field": 1})
+                                      "prefill_worker_id": None, "request_id": None, "unknown_field": None})
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["object"] == "text_completion" and body["model"] == "fake" and body["id"].startswith("cmpl-")
     assert body["choices"] == [{"index": 0, "text": "ABC", "logprobs": None, "finish_reason": "length"}]
-    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6}  # BOS h i
+    assert body["usage"] == {"prompt_tokens": 3, "completion_tokens": 3, "total_tokens": 6,  # BOS h i
+                             "prompt_tokens_details": {"cached_tokens": 0}}
     sent = fake.requests[-1]
     assert sent.request_id == r.headers["x-request-id"] and len(sent.request_id) == 32 and sent.request_id != "mine"
     assert sent.prefill_worker_id == ""  # 3 tokens: below the threshold, whatever the client said
@@ -273,7 +287,8 @@ def test_several_prompts_times_n_choices(url):
     r = post(url, "/v1/completions", {"model": "fake", "prompt": ["a", "b"], "n": 2, "max_tokens": 1})
     body = r.json()
     assert [(c["index"], c["text"]) for c in body["choices"]] == [(0, "A"), (1, "B"), (2, "A"), (3, "B")]
-    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8}
+    assert body["usage"] == {"prompt_tokens": 4, "completion_tokens": 4, "total_tokens": 8,
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_logprobs_formats(url):

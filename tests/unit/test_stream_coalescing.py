@@ -47,6 +47,7 @@ class _Arrivals:
 
     request_id = "r"
     num_prompt_tokens = 2
+    num_cached_tokens = 0
 
     def __init__(self, bursts: list[list[Delta]]) -> None:
         self.bursts = bursts

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -154,3 +156,162 @@ def test_transformers_loads_and_runs(tiny_model_dir: Path) -> None:
         logits = model(ids).logits
     assert logits.shape == (1, ids.shape[1], VOCAB_SIZE)
     assert torch.isfinite(logits).all()
+
+
+# -- chat template: tools ---------------------------------------------------------------
+
+# The template before tools: without tools and tool messages the new one renders the same bytes.
+_PLAIN_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\\n\\n' }}"
+    "{{ message['content'] | trim }}{{ '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
+)
+
+TOOLS = [
+    {"type": "function", "function": {"name": "get_weather", "description": "Weather of a city, “quoted” é",
+                                      "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                     "required": ["city"]}}},
+    {"type": "function", "function": {"name": "now", "parameters": {"type": "object", "properties": {}}}},
+]
+
+TOOL_CONVERSATIONS = [
+    [{"role": "user", "content": "Weather in Paris?"}],
+    [{"role": "system", "content": "  Be brief.  "}, {"role": "user", "content": "Weather in Paris?"}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris and Oslo?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Paris"}}},
+            {"id": "call_2", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+        ]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 °C"},
+        {"role": "tool", "tool_call_id": "call_2", "content": " rain "},
+        {"role": "assistant", "content": "Paris: sunny. Oslo: rain."},
+        {"role": "user", "content": "And the time?"},
+        {"role": "assistant", "content": "Checking.", "tool_calls": [
+            {"type": "function", "function": {"name": "now", "arguments": {}}}]},
+    ],
+]
+
+
+@pytest.fixture(scope="module")
+def tok(tiny_model_dir: Path) -> Any:
+    from pdserve.engine.tokenizer import Tokenizer
+
+    t = Tokenizer.from_dir(tiny_model_dir)
+    assert t is not None
+    return t
+
+
+def _ours(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Our tokenizer takes string content only: a tool-call turn without text has ""."""
+    return [{**m, "content": m["content"] or ""} for m in messages]
+
+
+def test_template_without_tools_renders_as_before(tok: Any) -> None:
+    from pdserve.engine.tokenizer import _compile_chat_template
+
+    plain = _compile_chat_template(_PLAIN_TEMPLATE)
+    conversations = [
+        [{"role": "user", "content": "Hi there!"}],
+        [{"role": "system", "content": "  You are terse.  "}, {"role": "user", "content": "2+2?"},
+         {"role": "assistant", "content": "4"}, {"role": "developer", "content": "x\n"},
+         {"role": "user", "content": "Unicode 🙂 and\nnewlines\n"}],
+    ]
+    for messages in conversations:
+        for add in (True, False):
+            expected = plain.render(messages=messages, add_generation_prompt=add, bos_token=BOS_TOKEN)
+            assert tok.apply_chat_template(messages, add_generation_prompt=add) == expected
+            assert tok.apply_chat_template(messages, add_generation_prompt=add, tools=[]) == expected
+            assert tok.apply_chat_template(messages, add_generation_prompt=add, tools=None) == expected
+
+
+@pytest.mark.parametrize("add_generation_prompt", [True, False])
+def test_template_with_tools_matches_transformers(tiny_model_dir: Path, tok: Any, add_generation_prompt: bool) -> None:
+    transformers = pytest.importorskip("transformers")
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tiny_model_dir)
+    for messages in TOOL_CONVERSATIONS:
+        for tools in (TOOLS, None):
+            expected = hf_tok.apply_chat_template(messages, tools=tools, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt)
+            assert tok.apply_chat_template(_ours(messages), add_generation_prompt, tools=tools) == expected
+            hf_ids = hf_tok.apply_chat_template(messages, tools=tools, tokenize=True,
+                                                add_generation_prompt=add_generation_prompt)
+            if hasattr(hf_ids, "keys"):
+                hf_ids = hf_ids["input_ids"]
+            assert tok.encode_chat(_ours(messages), add_generation_prompt, tools=tools) == list(hf_ids)
+
+
+def test_template_tool_layout(tok: Any) -> None:
+    rendered = tok.apply_chat_template(_ours(TOOL_CONVERSATIONS[2]), tools=TOOLS)
+    system = rendered.split("<|eot_id|>")[0]
+    assert system.startswith(f"{BOS_TOKEN}<|start_header_id|>system<|end_header_id|>\n\nBe brief.\n\n# Tools")
+    tool_lines = system.split("<tools>\n")[1].split("\n</tools>")[0].split("\n")
+    assert [json.loads(line) for line in tool_lines] == TOOLS
+    assert rendered.count("<|start_header_id|>system") == 1  # the system message is merged, not repeated
+    assert ("<|start_header_id|>tool<|end_header_id|>\n\n<tool_response>\nsunny, 21 °C\n</tool_response><|eot_id|>"
+            in rendered)
+    assert ("<|start_header_id|>assistant<|end_header_id|>\n\nChecking.\n<tool_call>\n"
+            '{"name": "now", "arguments": {}}\n</tool_call><|eot_id|>') in rendered
+    # Without a system message the tools turn comes first on its own.
+    alone = tok.apply_chat_template(_ours(TOOL_CONVERSATIONS[0]), tools=TOOLS)
+    assert alone.startswith(f"{BOS_TOKEN}<|start_header_id|>system<|end_header_id|>\n\n# Tools")
+
+
+def test_rendered_tool_calls_parse_back(tok: Any) -> None:
+    """What the template writes for a tool-call turn is what the hermes parser reads."""
+    from pdserve.router.tools import get_tool_parser, tool_calls_for_template
+
+    openai_calls = [{"id": "call_1", "type": "function",
+                     "function": {"name": "get_weather", "arguments": '{"city": "Paris \\"Île\\""}'}},
+                    {"id": "call_2", "type": "function", "function": {"name": "now", "arguments": "{}"}}]
+    messages = [{"role": "user", "content": "q"},
+                {"role": "assistant", "content": "", "tool_calls": tool_calls_for_template(openai_calls)}]
+    rendered = tok.apply_chat_template(messages, add_generation_prompt=False, tools=TOOLS)
+    turn = rendered.rsplit("<|start_header_id|>assistant<|end_header_id|>\n\n", 1)[1].removesuffix("<|eot_id|>")
+    content, calls = get_tool_parser("hermes").extract(turn)
+    assert content is None
+    assert [(c.name, json.loads(c.arguments)) for c in calls] == [
+        (c["function"]["name"], json.loads(c["function"]["arguments"])) for c in openai_calls]
+
+
+def test_encode_chat_passes_template_kwargs(tmp_path: Path, tiny_model_dir: Path) -> None:
+    from pdserve.engine.tokenizer import Tokenizer
+
+    d = tmp_path / "m"
+    shutil.copytree(tiny_model_dir, d, ignore=shutil.ignore_patterns("model.safetensors"))
+    (d / "chat_template.jinja").write_text(
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+        "{% if tools %}{{ tools | length }}{% endif %}")
+    t = Tokenizer.from_dir(d)
+    assert t is not None
+    messages = [{"role": "user", "content": "hi"}]
+    assert t.apply_chat_template(messages, enable_thinking=False, tools=TOOLS) == "hi<think></think>2"
+    assert t.encode_chat(messages, enable_thinking=False) == t.encode("hi<think></think>", add_special_tokens=False)
+    assert t.encode_chat(messages, tools=TOOLS) == t.encode("hi2", add_special_tokens=False)
+    assert t.encode_chat(messages) == t.encode("hi", add_special_tokens=False)
+
+
+def test_ensure_refreshes_a_stale_chat_template(tmp_path: Path, tiny_model_dir: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    d = tmp_path / "old"
+    shutil.copytree(tiny_model_dir, d, ignore=shutil.ignore_patterns("model.safetensors"))
+    fresh = (tiny_model_dir / "tokenizer_config.json").read_bytes()
+    config = json.loads(fresh)
+    config["chat_template"] = _PLAIN_TEMPLATE
+    tiny_model._write_json(d / "tokenizer_config.json", config)
+    monkeypatch.setattr(tiny_model, "make_tiny_model", lambda *a, **k: pytest.fail("must not rebuild"))
+    assert ensure_tiny_model(d) == d
+    assert (d / "tokenizer_config.json").read_bytes() == fresh
+    assert sorted(p.name for p in d.iterdir()) == sorted(EXPECTED_FILES - {"model.safetensors"})
+    # Another model at the path is not ours to change.
+    other = tmp_path / "other"
+    shutil.copytree(d, other)
+    model_config = json.loads((other / "config.json").read_text())
+    model_config["hidden_size"] = 4096
+    (other / "config.json").write_text(json.dumps(model_config))
+    tiny_model._write_json(other / "tokenizer_config.json", config)
+    ensure_tiny_model(other)
+    assert json.loads((other / "tokenizer_config.json").read_text())["chat_template"] == _PLAIN_TEMPLATE
