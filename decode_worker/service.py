@@ -10,7 +10,9 @@ Decode-first flow for a request with ``prefill_worker_id`` (design, "One request
 3. The prefill worker writes the KV, samples the first token and answers (with the
    prompt logprobs, if asked: this worker computes none for the request, and sends
    them on its first message of completion 0); the request joins the running batch here. Failure or timeout of that hop fails the
-   request explicitly (finish_reason "error"), never a hang.
+   request explicitly (finish_reason "error"), never a hang. The final usage reports the
+   prompt tokens the prefill worker's prefix cache served (this worker's own hits only
+   when it prefilled locally after all).
 4. Abort (client gone or Abort RPC) cancels the in-flight Prefill RPC, which makes
    the prefill worker abort and free its side too.
 """
@@ -72,6 +74,9 @@ class DecodeService(pb_grpc.DecodeServicer):
         """Completion id that runs the prompt -> prefill worker id."""
         self._group_of: dict[str, str] = {}
         self._prefill_tasks: dict[str, asyncio.Task] = {}
+        self._prefill_cached: dict[str, int] = {}
+        """Completion id whose prompt a prefill worker computed -> the prompt tokens its
+        prefix cache served (what the client saved; this worker's own hits saved nothing)."""
         self.transfers = pb.StatsResponse()
         """Counters of KV received from prefill workers (bytes, count, failures, latency)."""
         self._channels: dict[str, grpc.aio.Channel] = {}
@@ -114,6 +119,7 @@ class DecodeService(pb_grpc.DecodeServicer):
         prompt = list(request.prompt_token_ids)
         prompt_len = len(prompt)
         num_open = params.n
+        num_cached = 0
         try:
             stream = self.aengine.generate(rid, prompt, params, remote_prefill=remote)
             try:
@@ -123,15 +129,21 @@ class DecodeService(pb_grpc.DecodeServicer):
                     for d in deltas:
                         num_tokens[d.index] += len(d.token_ids)
                         num_open -= d.finish_reason is not None
+                        if d.finish_reason is not None and d.index == 0:
+                            # The prompt once, as the gateway counts it (siblings share it).
+                            num_cached = d.num_cached_tokens
                         msg = _delta_message(rid, d, prompt)
                         if num_open == 0:
-                            msg.usage.CopyFrom(pb.Usage(prompt_tokens=prompt_len, completion_tokens=sum(num_tokens)))
+                            num_cached = self._prefill_cached.pop(parent, num_cached)
+                            msg.usage.CopyFrom(pb.Usage(prompt_tokens=prompt_len, completion_tokens=sum(num_tokens),
+                                                        cached_tokens=num_cached))
                         yield msg
             except ValueError as e:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
         finally:
             self._prefill_target.pop(parent, None)
             self._group_of.pop(parent, None)
+            self._prefill_cached.pop(parent, None)
             task = self._prefill_tasks.pop(parent, None)
             if task is not None and not task.done():
                 task.cancel()
@@ -205,6 +217,8 @@ class DecodeService(pb_grpc.DecodeServicer):
                                                    f"for {num_positions} positions")
                 return
             prompt_logprobs = [None, *(convert.logprobs_dict(m) for m in resp.prompt_logprobs)]
+        if cid in self._group_of:  # its Generate is still open (always, unless cancelled)
+            self._prefill_cached[cid] = resp.num_cached_tokens
         self.aengine.complete_remote_prefill(cid, resp.first_token_id, lp, prompt_logprobs)
 
 

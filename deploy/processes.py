@@ -103,9 +103,10 @@ class WorkerProcess:
         return tokens, final
 
     def all_free(self) -> bool:
-        """Every KV block back in the pool and nothing running or waiting."""
+        """Every KV block back in the pool, nothing running or waiting, no grammar matcher open."""
         s = self.stats()
-        return s.num_kv_blocks_free == s.num_kv_blocks_total and s.num_running == 0 and s.num_waiting == 0
+        return (s.num_kv_blocks_free == s.num_kv_blocks_total and s.num_running == 0 and s.num_waiting == 0
+                and s.num_open_grammars == 0)
 
     def stop(self, timeout_s: float = 20.0, drain: bool = False) -> None:
         """Stop now (two SIGTERMs), or with ``drain`` one SIGTERM: the worker finishes

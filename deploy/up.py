@@ -48,6 +48,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--local-cpus", type=int, default=None,
                    help="logical CPUs of the local Ray instance `up` starts (default: room for 4x the spec's "
                         "workers, so `pdserve scale` can grow the pools on one machine)")
+    p.add_argument("--tool-call-parser", default=None, choices=["hermes", "llama3_json", "mistral"],
+                   help="how tool_choice 'auto' finds calls in the output (default: hermes for the embedded tiny "
+                        "model, whose template is hermes-style; none otherwise: only forced tool choices)")
+    p.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
+                   help="split <think>...</think> into reasoning_content (Qwen3, DeepSeek-R1)")
     p.add_argument("--drain-timeout", type=float, default=600.0,
                    help="seconds a worker removed by `pdserve scale` may take to finish its requests")
 
@@ -87,6 +92,8 @@ def run(args: argparse.Namespace) -> int:
         from .cli import default_model_dir
 
         model = str(ensure_tiny_model(default_model_dir()))
+        if args.tool_call_parser is None:
+            args.tool_call_parser = "hermes"
     if args.api_key is None and os.environ.get("PDSERVE_API_KEY"):
         args.api_key = os.environ["PDSERVE_API_KEY"]  # keeps the key off the command line
     spec = spec_from_args(args, model)
@@ -121,7 +128,8 @@ def run(args: argparse.Namespace) -> int:
         scaler.start()
         write_state(store_url, url)
         config = GatewayConfig(store_url=store_url, model_dir=spec.model, served_model_name=name,
-                               api_key=args.api_key, router_policy=args.router_policy)
+                               api_key=args.api_key, router_policy=args.router_policy,
+                               tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
         serve(config, host=args.host, port=args.port)
     finally:
         print("pdserve: stopping ...", flush=True)

@@ -228,8 +228,8 @@ class AsyncEngine:
 def coalesce(deltas: list[CompletionDelta]) -> list[CompletionDelta]:
     """One delta per completion, in order of first appearance: consecutive steps' deltas
     of a completion merged (token ids, text and logprobs concatenated in order; the
-    finish reason and error of the last, which is the only one that can have them; the
-    prompt logprobs of the first, the only one that can have those)."""
+    finish reason, error and cached-token count of the last, which is the only one that
+    can have them; the prompt logprobs of the first, the only one that can have those)."""
     merged: dict[str, CompletionDelta] = {}
     for d in deltas:
         prev = merged.get(d.request_id)
@@ -243,6 +243,7 @@ def coalesce(deltas: list[CompletionDelta]) -> list[CompletionDelta]:
             d.request_id, d.index, prev.token_ids + d.token_ids, prev.text + d.text, logprobs,
             d.finish_reason, d.error or prev.error,
             prompt_logprobs=prev.prompt_logprobs if prev.prompt_logprobs is not None else d.prompt_logprobs,
+            num_cached_tokens=d.num_cached_tokens,
         )
     return list(merged.values())
 

@@ -44,6 +44,7 @@ class EngineStats:
     num_kv_blocks_free: int
     prefix_cache_hit_tokens: int
     prefix_cache_query_tokens: int
+    num_open_grammars: int = 0
 
 
 class _Completion:
@@ -275,6 +276,7 @@ class LLMEngine:
             num_kv_blocks_free=kv.num_free_blocks,
             prefix_cache_hit_tokens=s.num_prefix_hit_tokens,
             prefix_cache_query_tokens=s.num_prefix_query_tokens,
+            num_open_grammars=self._grammars.num_open if self._grammars is not None else 0,
         )
 
     # -- the loop ------------------------------------------------------------------
@@ -410,6 +412,7 @@ class LLMEngine:
                 rid, out.index, [token_id], comp.text.take_delta(),
                 [logprobs] if logprobs is not None else None, reason,
                 prompt_logprobs=comp.take_prompt_logprobs(),
+                num_cached_tokens=comp.request.num_cached_tokens if reason is not None else 0,
             ))
         return deltas
 

@@ -65,3 +65,6 @@ class CompletionDelta:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     """The request's prompt logprobs (see ``RequestOutput``), on the first delta completion
     0 sends (streamed: the one with its first token; otherwise its only one)."""
+    num_cached_tokens: int = 0
+    """Prompt tokens the prefix cache served at the request's latest admission (the same
+    for every completion of a request), on each completion's final delta; 0 on the others."""

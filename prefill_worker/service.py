@@ -89,7 +89,8 @@ class PrefillService(pb_grpc.PrefillServicer):
         finally:
             self.aengine.release(rid)
         token = delta.token_ids[0]
-        resp = pb.PrefillResponse(request_id=rid, first_token_id=token, transfer=stats)
+        resp = pb.PrefillResponse(request_id=rid, first_token_id=token, transfer=stats,
+                                  num_cached_tokens=delta.num_cached_tokens)
         if delta.logprobs:
             resp.first_logprobs.CopyFrom(convert.logprobs_message(delta.logprobs[0], token))
         if delta.prompt_logprobs is not None:

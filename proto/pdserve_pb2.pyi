@@ -324,7 +324,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("worker_id", "num_waiting", "num_running", "num_kv_blocks_total", "num_kv_blocks_free", "num_queued_prefill_tokens", "prefix_cache_hit_tokens", "prefix_cache_query_tokens", "transfer_bytes", "transfer_count", "transfer_failures", "transfer_latency_ms_sum", "local_prefill_fallbacks")
+    __slots__ = ("worker_id", "num_waiting", "num_running", "num_kv_blocks_total", "num_kv_blocks_free", "num_queued_prefill_tokens", "prefix_cache_hit_tokens", "prefix_cache_query_tokens", "transfer_bytes", "transfer_count", "transfer_failures", "transfer_latency_ms_sum", "local_prefill_fallbacks", "num_open_grammars")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -338,6 +338,7 @@ class StatsResponse(_message.Message):
     TRANSFER_FAILURES_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_LATENCY_MS_SUM_FIELD_NUMBER: _ClassVar[int]
     LOCAL_PREFILL_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
+    NUM_OPEN_GRAMMARS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     num_waiting: int
     num_running: int
@@ -351,7 +352,8 @@ class StatsResponse(_message.Message):
     transfer_failures: int
     transfer_latency_ms_sum: float
     local_prefill_fallbacks: int
-    def __init__(self, worker_id: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_kv_blocks_total: _Optional[int] = ..., num_kv_blocks_free: _Optional[int] = ..., num_queued_prefill_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transfer_count: _Optional[int] = ..., transfer_failures: _Optional[int] = ..., transfer_latency_ms_sum: _Optional[float] = ..., local_prefill_fallbacks: _Optional[int] = ...) -> None: ...
+    num_open_grammars: int
+    def __init__(self, worker_id: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_kv_blocks_total: _Optional[int] = ..., num_kv_blocks_free: _Optional[int] = ..., num_queued_prefill_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transfer_count: _Optional[int] = ..., transfer_failures: _Optional[int] = ..., transfer_latency_ms_sum: _Optional[float] = ..., local_prefill_fallbacks: _Optional[int] = ..., num_open_grammars: _Optional[int] = ...) -> None: ...
 
 class BlocksStored(_message.Message):
     __slots__ = ("block_hashes", "parent_block_hash", "token_ids", "block_size")

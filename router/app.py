@@ -231,10 +231,13 @@ async def _generate(gateway: Gateway, request: Request, *, chat: bool) -> Respon
                 job = prepare.prepare_generation(gateway, body, chat)
             gen = gateway.generate(job.prompts, job.params, arrival)
             builder = ResponseBuilder(chat=chat, request_id=gen.request_id, model=gateway.config.model_name,
-                                      num_choices=len(job.prompts) * job.params.n,
+                                      num_choices=len(job.prompts) * job.params.n, n=job.params.n,
                                       num_top_logprobs=job.num_top_logprobs, token_text=gateway.token_text,
                                       include_usage=job.include_usage, continuous_usage=job.continuous_usage,
-                                      num_prompt_tokens=gen.num_prompt_tokens)
+                                      num_prompt_tokens=gen.num_prompt_tokens, chat_output=job.chat_output,
+                                      echo=job.echo, echo_token_ids=job.prompts if job.echo is not None else None,
+                                      prompt_logprobs=gen.prompt_logprobs.get,
+                                      num_prompt_logprobs=job.num_prompt_logprobs)
             headers = {"X-Request-Id": gen.request_id}
             if not job.stream:
                 result = await _until_disconnect(request, _collect(gen, builder))
@@ -353,9 +356,7 @@ class _SSEResponse(StreamingResponse):
             while delta is not None:
                 # Everything that arrived while we waited or wrote goes out in one write.
                 for d in coalesce([delta, *gen.ready()]):
-                    chunk = builder.chunk(d)
-                    if chunk is not None:
-                        events.append(_sse(chunk))
+                    events.extend(_sse(chunk) for chunk in builder.chunks(d))
                 if events:
                     yield b"".join(events)
                     events = []

@@ -42,10 +42,20 @@ from . import sampling
 from .events import EventFollower
 from .metrics import GatewayMetrics
 from .policy import Router
+from .reasoning import get_reasoning_parser
+from .tool_parsers import get_tool_parser
 from .generation import Generation
 from .errors import APIError, invalid
 
 log = logging.getLogger("pdserve.gateway")
+
+CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
+"""A first message carrying a long prompt's logprobs (k + 1 per prompt token) outgrows
+gRPC's default 4 MiB."""
+
+_TEMPLATE_RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
+                                "continue_final_message", "tokenize", "return_dict"})
+"""Template variables the server sets itself; ``chat_template_kwargs`` cannot override them."""
 
 PREFILL_ROLES = (pb.PREFILL, pb.BOTH)
 DECODE_ROLES = (pb.DECODE, pb.BOTH)
@@ -89,6 +99,12 @@ class GatewayConfig:
     unavailable_backoff_s: float = 5.0
     stats_interval_s: float = 1.0
     """How often workers' Stats feed the router's load view (0: never)."""
+    tool_call_parser: str | None = None
+    """How "auto" tool choice finds calls in the output (``tool_parsers.TOOL_PARSERS``:
+    hermes, llama3_json, mistral); None: requests with tools need a forced tool_choice."""
+    reasoning_parser: str | None = None
+    """Splits thinking into ``reasoning_content`` (``reasoning.REASONING_PARSERS``: qwen3,
+    deepseek_r1); None: the output is content as it is."""
 
     def __post_init__(self) -> None:
         if not self.store_url:
@@ -110,6 +126,10 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens!r}")
+        if self.tool_call_parser is not None:
+            get_tool_parser(self.tool_call_parser)  # ValueError naming the known ones
+        if self.reasoning_parser is not None:
+            get_reasoning_parser(self.reasoning_parser)
 
     @property
     def model_name(self) -> str:
@@ -126,6 +146,8 @@ class Gateway:
         self.context_len: int = model_config["max_position_embeddings"]
         self.vocab_size: int = model_config["vocab_size"]
         self.max_prompt_tokens = min(config.max_prompt_tokens or self.context_len - 1, self.context_len - 1)
+        self.tool_parser = get_tool_parser(config.tool_call_parser) if config.tool_call_parser else None
+        self.reasoning_parser = get_reasoning_parser(config.reasoning_parser) if config.reasoning_parser else None
         self.router = router or Router(policy=config.router_policy, block_size=config.block_size,
                                        disagg_threshold_tokens=config.disagg_threshold_tokens)
         self.metrics = GatewayMetrics()
@@ -264,7 +286,7 @@ class Gateway:
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address)
+            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
         return channel
 
     # -- admission and input ----------------------------------------------------------------
@@ -314,11 +336,18 @@ class Gateway:
         """The chat template mentions the developer role (otherwise it becomes system, as in vLLM)."""
         return "developer" in (self.tokenizer.chat_template or "")
 
-    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+    def encode_chat(self, messages: list[dict[str, Any]], *, tools: list[dict[str, Any]] | None = None,
+                    template_kwargs: dict[str, Any] | None = None, add_generation_prompt: bool = True) -> list[int]:
+        """The chat template applied to ``messages`` (and ``tools``; ``template_kwargs``: the
+        request's ``chat_template_kwargs``, e.g. Qwen3's ``enable_thinking``, and ``documents``)."""
         if self.tokenizer.chat_template is None:
             raise invalid("this model has no chat template; use /v1/completions", param="messages")
+        kwargs = dict(template_kwargs or {})
+        clash = next((k for k in kwargs if k in _TEMPLATE_RESERVED), None)
+        if clash is not None:
+            raise invalid(f"chat_template_kwargs cannot set {clash!r}", param="chat_template_kwargs")
         try:
-            return self.tokenizer.encode_chat(messages)
+            return self.tokenizer.encode_chat(messages, add_generation_prompt, tools=tools, **kwargs)
         except Exception as e:  # noqa: BLE001 - template errors (raise_exception) are the client's input
             raise invalid(f"the chat template rejected the messages: {e}", param="messages") from None
 

@@ -81,6 +81,8 @@ class Generation:
         self.num_completion_tokens = 0
         self.num_cached_tokens = 0
         """Prompt tokens the workers served from their prefix caches (their final usage)."""
+        self.prompt_logprobs: dict[int, list[pb.TokenLogprobs]] = {}
+        """Prompt i's logprobs (positions 1..), when asked for, once its worker sent them."""
         self._salt = cache_salt_keys(params.cache_salt)
         self._queue: asyncio.Queue = asyncio.Queue()
         self._error: APIError | None = None
@@ -144,6 +146,8 @@ class Generation:
                         500, f"generation failed on the serving cluster (request {self.request_id})",
                         type="server_error", code="generation_failed"))
                     return
+                if self.params.prompt_logprobs is not None and msg.index == 0 and i not in self.prompt_logprobs:
+                    self.prompt_logprobs[i] = list(msg.prompt_logprobs)  # on its first message (may be [])
                 if msg.HasField("usage"):
                     self.num_cached_tokens += msg.usage.cached_tokens
                 reason = convert.finish_reason_name(msg.finish_reason)

@@ -25,14 +25,12 @@ from pydantic import Field, ValidationError
 
 from .errors import APIError, invalid
 from .fields import HONOURED, Body, Refused, check_json
-from .responses import ResponseBuilder, chat_logprobs, completion_logprobs, usage_body  # noqa: F401 - old home
 
 MAX_ID_CHARS = 256
 """Length of ``user``, ``safety_identifier``, ``prompt_cache_key`` and ``cache_salt``."""
 
 CHAT_ROLES = frozenset({"system", "developer", "user", "assistant", "tool"})
 
-_LATER = "is not supported by this server yet"
 
 
 class StreamOptions(Body):
@@ -124,16 +122,16 @@ class _SamplingRequest(Body):
         "return_token_ids": Refused(False),
         "kv_transfer_params": Refused(reason="is internal to this server"),
         "vllm_xargs": Refused({}),
-        "prompt_logprobs": Refused(reason=_LATER),
-        "response_format": Refused({"type": "text"}, reason="other than type 'text' is not supported"),
-        "structured_outputs": Refused(reason=_LATER),
-        "guided_json": Refused(reason=_LATER),
-        "guided_regex": Refused(reason=_LATER),
-        "guided_choice": Refused(reason=_LATER),
-        "guided_grammar": Refused(reason=_LATER),
-        "structural_tag": Refused(reason=_LATER),
+        "prompt_logprobs": HONOURED,
+        "response_format": HONOURED,
+        "structured_outputs": HONOURED,
+        "guided_json": HONOURED,
+        "guided_regex": HONOURED,
+        "guided_choice": HONOURED,
+        "guided_grammar": HONOURED,
+        "structural_tag": Refused(reason="is not supported: use response_format, guided_* or structured_outputs"),
         "guided_decoding_backend": Refused(reason="is not supported: there is one structured-output backend"),
-        "guided_whitespace_pattern": Refused(reason=_LATER),
+        "guided_whitespace_pattern": Refused(reason="is not supported: JSON is generated without whitespace"),
     }
 
     @property
@@ -165,7 +163,7 @@ class CompletionRequest(_SamplingRequest):
         **_SamplingRequest.FIELDS,
         "prompt": HONOURED, "max_tokens": HONOURED, "logprobs": HONOURED, "best_of": HONOURED,
         "add_special_tokens": HONOURED,
-        "echo": Refused(False, reason=_LATER),
+        "echo": HONOURED,
         "suffix": Refused("", reason="is not supported: the model cannot insert text"),
         "prompt_embeds": Refused(reason="is not supported: prompts are text or token ids"),
     }
@@ -197,8 +195,8 @@ class ChatMessage(Body):
     reasoning_content: str | None = None
 
     FIELDS = {"role": HONOURED, "content": HONOURED, "name": HONOURED, "tool_calls": HONOURED,
-              "tool_call_id": HONOURED, "refusal": Refused(), "function_call": Refused(reason=_LATER),
-              "audio": Refused(), "reasoning_content": Refused(reason=_LATER)}
+              "tool_call_id": HONOURED, "refusal": Refused(), "function_call": Refused(reason="(deprecated by OpenAI) is not supported: use tool_calls"),
+              "audio": Refused(), "reasoning_content": Refused(reason="is not sent back to the model: templates drop past reasoning")}
 
     def check_values(self, where: str) -> None:
         if self.role not in CHAT_ROLES:
@@ -229,14 +227,14 @@ class ChatMessage(Body):
 
 
 _CHAT_TEMPLATE_FIELDS = {
-    "add_generation_prompt": Refused(True, reason=_LATER),
-    "continue_final_message": Refused(False, reason=_LATER),
-    "add_special_tokens": Refused(False, reason=_LATER),
-    "documents": Refused(reason=_LATER),
+    "add_generation_prompt": HONOURED,
+    "continue_final_message": Refused(False, reason="is not supported: every answer starts a new assistant turn"),
+    "add_special_tokens": Refused(False, reason="is not supported: the chat template writes the special tokens"),
+    "documents": HONOURED,
     "chat_template": Refused(reason="is not supported: the model's own template is used"),
-    "chat_template_kwargs": Refused({}, reason=_LATER),
+    "chat_template_kwargs": HONOURED,
     "mm_processor_kwargs": Refused({}, reason="is not supported: the model takes text only"),
-    "tools": Refused([], reason=_LATER),
+    "tools": HONOURED,
 }
 
 
@@ -301,13 +299,14 @@ class ChatCompletionRequest(_SamplingRequest):
         "moderation": Refused(),
         "best_of": Refused(1, reason="is not supported for chat"),
         "media_io_kwargs": Refused({}, reason="is not supported: the model takes text only"),
-        "echo": Refused(False, reason=_LATER),
-        "tool_choice": Refused("none", "auto", reason=_LATER),
-        "parallel_tool_calls": Refused(True, False, reason=_LATER),  # means nothing without tools
-        "functions": Refused([], reason=_LATER),
-        "function_call": Refused("none", "auto", reason=_LATER),
-        "reasoning_effort": Refused(reason=_LATER),
-        "include_reasoning": Refused(True, reason=_LATER),
+        "echo": Refused(False, reason="is not supported for chat (it is on /v1/completions)"),
+        "tool_choice": HONOURED,
+        "parallel_tool_calls": HONOURED,
+        "functions": Refused([], reason="(deprecated by OpenAI) is not supported: use tools"),
+        "function_call": Refused("none", "auto", reason="(deprecated by OpenAI) is not supported: use tool_choice"),
+        "reasoning_effort": Refused(reason="is not supported: thinking is switched with chat_template_kwargs "
+                                           "(e.g. enable_thinking)"),
+        "include_reasoning": HONOURED,
     }
 
     def check_values(self, where: str) -> None:

@@ -7,6 +7,7 @@ and every block must be free on both workers afterwards (their Stats say so).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
 import time
@@ -15,7 +16,7 @@ import grpc
 import pytest
 
 import hf_reference as H
-from pdserve.deploy.processes import WorkerProcess
+from pdserve.deploy.processes import WorkerProcess, wait_all_free
 from pdserve.deploy.store.embedded import ControlPlaneServer
 from pdserve.engine import LLM, SamplingParams
 from pdserve.proto import convert
@@ -158,6 +159,33 @@ def test_prefix_cached_on_decode_moves_only_missing_blocks(cluster):
     assert moved_second == 1 * block_bytes(model_dir)  # the 4 full prefix blocks were cached on decode
     assert p.stats().transfer_bytes - p_before == moved_first + moved_second  # both sides count the same bytes
     assert p.all_free() and d.all_free()
+
+
+def test_usage_reports_the_prompt_tokens_the_computing_workers_cache_served(cluster):
+    """usage.cached_tokens on the final message: the prefill worker's hits when it computed
+    the prompt (not the decode worker's own, which saved nothing), the decode worker's when
+    it prefilled itself (fallback included), the prompt once for n > 1."""
+    _, _, p, d, _ = cluster
+    params = SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True)
+    remote, local = H.random_prompts(1000, [40, 40], seed=15)  # 2 full blocks each
+
+    def cached(rid, prompt, prefill="p0", **kw):
+        tokens, final = generate(d, rid, prompt, dataclasses.replace(params, **kw), prefill=prefill)
+        assert final.finish_reason == pb.LENGTH and final.HasField("usage"), final
+        assert final.usage.prompt_tokens == len(prompt) and final.usage.completion_tokens == len(tokens)
+        return final.usage.cached_tokens
+
+    assert cached("remote-1", remote) == 0
+    assert cached("remote-2", remote) == 32  # the prefill worker's prefix cache
+    assert cached("local-1", local, prefill="") == 0
+    assert cached("local-2", local, prefill="") == 32
+    # Cached on the decode worker only: the prefill worker computed all of it.
+    assert cached("local-then-remote", local) == 0
+    # The hop never started: the decode worker prefilled, from its own cache.
+    assert cached("fallback", remote, prefill="p-missing") == 32
+    for prefill in ("p0", ""):  # three completions, one prompt
+        assert cached(f"n3-{prefill}", remote, prefill=prefill, n=3, temperature=1.0, seed=4) == 32
+    assert wait_all_free([p, d])
 
 
 def test_workers_publish_kv_events(cluster):

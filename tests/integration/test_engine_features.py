@@ -597,6 +597,36 @@ def test_kv_events_match_prompt_block_hashes(llm):
     assert_all_free(llm)
 
 
+def test_final_deltas_carry_the_prefix_cache_hit(llm):
+    """Each completion's final delta says how many prompt tokens the prefix cache served
+    (what the decode worker reports as usage); every other delta says 0."""
+    eng = llm.engine
+    prompt_ids = llm.tokenizer.encode("Cached-token deltas: " + LONG_TEXT)
+    num_hit = (len(prompt_ids) - 1) // BLOCK_SIZE * BLOCK_SIZE
+    assert num_hit >= 2 * BLOCK_SIZE
+
+    def run(rid: str, params: SamplingParams, stream: bool) -> dict[str, list]:
+        eng.add_request(rid, prompt_ids, params, stream=stream)
+        deltas: dict[str, list] = defaultdict(list)
+        while eng.has_unfinished:
+            for d in eng.step():
+                deltas[d.request_id].append(d)
+        assert eng.take_finished(rid, prompt_ids) is not None
+        return deltas
+
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    (first,) = run("cached-0", params, stream=True).values()
+    assert [d.num_cached_tokens for d in first] == [0] * 4
+    (again,) = run("cached-1", params, stream=True).values()
+    assert [d.num_cached_tokens for d in again] == [0, 0, 0, num_hit] and again[-1].finish_reason == "length"
+    (whole,) = run("cached-2", params, stream=False).values()  # one delta: the final one
+    assert len(whole) == 1 and whole[0].num_cached_tokens == num_hit
+    forks = run("cached-n3", SamplingParams(n=3, temperature=1.0, seed=2, max_tokens=3), stream=True)
+    assert sorted(forks) == ["cached-n3#0", "cached-n3#1", "cached-n3#2"]
+    assert all([d.num_cached_tokens for d in ds] == [0, 0, num_hit] for ds in forks.values())
+    assert_all_free(llm)
+
+
 # -- output processing next to the forward ----------------------------------------------
 
 

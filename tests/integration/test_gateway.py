@@ -405,13 +405,40 @@ def test_usage_details_continuous_stats_and_neutral_openai_fields(cluster):
     assert all(c.usage is not None for c in chunks)  # continuous: every chunk has the usage so far
     assert [c.usage.completion_tokens for c in chunks if c.choices][0] == 0  # the role chunk
     assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 6
-    assert chunks[-1].usage.prompt_tokens_details.cached_tokens >= 0  # 0 until the decode worker reports hits
+    assert chunks[-1].usage.prompt_tokens_details.cached_tokens % 16 == 0  # whole blocks (see the next test)
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model=cluster.model, messages=[{"role": "user", "content": "x"}], store=True)
     assert e.value.body["param"] == "store" and e.value.body["code"] == "unsupported_parameter"
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model=cluster.model, prompt="x", extra_body={"frobnicate": 1})
     assert e.value.body["param"] == "frobnicate"
+
+
+def test_cached_tokens_are_the_prefix_cache_hits_of_the_workers(cluster):
+    """usage.prompt_tokens_details.cached_tokens: 0 for a new prompt, whole blocks for the
+    same prompt again (whichever worker computed it), the prompt once for n > 1, and the
+    sum over several prompts, streamed or not."""
+    client = cluster.client()
+    prompt = "Cached tokens through the gateway. " + LONG  # remote prefill the first time
+    other = "Another prompt for the cached token count. " + LONG
+    num_prompt = len(cluster.tokenizer.encode(prompt))
+    assert num_prompt >= DISAGG_THRESHOLD
+
+    def cached(p, temperature=0.0, **kw) -> int:
+        out = client.completions.create(model=cluster.model, prompt=p, max_tokens=2, temperature=temperature, **kw)
+        return out.usage.prompt_tokens_details.cached_tokens
+
+    assert cached(prompt) == 0
+    hit = cached(prompt)
+    assert 0 < hit < num_prompt and hit % 16 == 0
+    assert cached(prompt, n=3, seed=5, temperature=1.0) == hit
+    assert cached([prompt, other]) == hit  # `other` is new
+    hit_other = cached(other)
+    assert hit_other > 0 and hit_other % 16 == 0
+    stream = client.completions.create(model=cluster.model, prompt=[other, prompt], max_tokens=2, temperature=0,
+                                       stream=True, stream_options={"include_usage": True})
+    assert list(stream)[-1].usage.prompt_tokens_details.cached_tokens == hit + hit_other
+    assert cluster.wait_all_free()
 
 
 def test_cache_salt_keeps_tenants_apart_on_the_worker_and_in_the_router_index(cluster):

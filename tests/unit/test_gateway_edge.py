@@ -42,6 +42,8 @@ FAIL_INVALID, FAIL_UNAVAILABLE, FAIL_MIDWAY, SLOW = 1, 2, 3, 4
 KEY = "sk-test-key"
 
 
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {}}}}]
+
 def _byte_chars() -> list[str]:
     """GPT-2's byte -> printable character table, so token id == byte value."""
     keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), 256))
@@ -330,7 +332,7 @@ BAD = [
     ({"model": "fake", "prompt": "x", "seed": 2**64}, 400, "seed"),
     ({"model": "fake", "prompt": "x", "stop": ["s"] * 17}, 400, "stop"),
     ({"model": "fake", "prompt": "x", "stop": [""]}, 400, "stop"),
-    ({"model": "fake", "prompt": "x", "echo": True}, 400, "echo"),
+    ({"model": "fake", "prompt": "x", "echo": True, "prompt_logprobs": 21}, 400, "prompt_logprobs"),
     ({"model": "fake", "prompt": "x", "presence_penalty": 2.5}, 400, "presence_penalty"),
     ({"model": "fake", "prompt": "x", "frequency_penalty": -2.5}, 400, "frequency_penalty"),
     ({"model": "fake", "prompt": "x", "repetition_penalty": 0}, 400, "repetition_penalty"),
@@ -359,7 +361,25 @@ BAD_CHAT = [
     ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 500}, 400,
      "max_completion_tokens"),
     ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function"}]}, 400,
-     "tools"),
+     "tools[0].function"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_schema",
+      "json_schema": {"name": "x", "schema": {"type": "frob"}}}}, 400, "response_format"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "guided_regex": "a(", "guided_choice": ["a"]},
+     400, "guided_choice"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "tools": TOOLS}, 400, "tool_choice"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "tools": TOOLS, "tool_choice": "required",
+      "response_format": {"type": "json_object"}}, 400, "tool_choice"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "tools": TOOLS,
+      "tool_choice": {"type": "function", "function": {"name": "nope"}}}, 400, "tool_choice"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "chat_template_kwargs": {"messages": []}},
+     400, "chat_template_kwargs"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "guided_json": {"type": "object"},
+      "min_tokens": 2}, 400, "min_tokens"),
+    ({"model": "fake", "messages": [{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": "{oops"}}]}]}, 400,
+     "messages[0].tool_calls[0].function.arguments"),
+    ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "structured_outputs": {"regex": "a",
+      "choice": ["b"]}}, 400, "structured_outputs"),
     ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "presence_penalty": -2.5}, 400,
      "presence_penalty"),
     ({"model": "fake", "messages": [{"role": "user", "content": "x"}], "logit_bias": {"1.5": 1}}, 400,

@@ -125,8 +125,10 @@ def test_tokenize_and_detokenize(cluster, url):
     check_error(post(url, "/detokenize", {"tokens": ["1"]}), 400, "tokens")
     check_error(post(url, "/tokenize", {"model": "other", "prompt": "x"}), 404, "model")
     check_error(post(url, "/tokenize", {"prompt": "x", "extra": 1}), 400, "extra")
-    check_error(post(url, "/tokenize", {"messages": MESSAGES, "add_generation_prompt": False}), 400,
-                "add_generation_prompt")
+    without = post(url, "/tokenize", {"messages": MESSAGES, "add_generation_prompt": False}).json()
+    assert without["count"] < r.json()["count"] and r.json()["tokens"][: without["count"]] == without["tokens"]
+    check_error(post(url, "/tokenize", {"messages": MESSAGES, "continue_final_message": True}), 400,
+                "continue_final_message")
     check_error(post(url, "/tokenize", {"messages": [{"role": "user", "content": "x", "bad": 1}]}), 400,
                 "messages[0].bad")
     check_error(post(url, "/tokenize", {"prompt": 5}), 400, "prompt")

@@ -12,7 +12,7 @@ from pdserve.proto import pdserve_pb2 as pb
 from pdserve.router.app import _SSEResponse
 from pdserve.router.generation import Delta
 from pdserve.router.generation import coalesce as coalesce_choices
-from pdserve.router.schemas import ResponseBuilder
+from pdserve.router.responses import ResponseBuilder
 
 
 def test_engine_deltas_merge_per_completion_in_order():
@@ -32,6 +32,13 @@ def test_engine_deltas_merge_per_completion_in_order():
     ]
     one_step = deltas[:2]
     assert coalesce_completions(one_step) == one_step
+
+
+def test_engine_deltas_keep_the_final_deltas_cached_token_count():
+    deltas = [CompletionDelta("r", 0, [7], "a", None, None),
+              CompletionDelta("r", 0, [8], "b", None, "length", num_cached_tokens=32)]
+    assert coalesce_completions(deltas) == [CompletionDelta("r", 0, [7, 8], "ab", None, "length",
+                                                            num_cached_tokens=32)]
 
 
 def test_gateway_deltas_merge_per_choice_in_order():

@@ -261,7 +261,8 @@ def test_template_tool_layout(tok: Any) -> None:
 
 def test_rendered_tool_calls_parse_back(tok: Any) -> None:
     """What the template writes for a tool-call turn is what the hermes parser reads."""
-    from pdserve.router.tools import get_tool_parser, tool_calls_for_template
+    from pdserve.router.tool_parsers import get_tool_parser
+    from pdserve.router.tools import tool_calls_for_template
 
     openai_calls = [{"id": "call_1", "type": "function",
                      "function": {"name": "get_weather", "arguments": '{"city": "Paris \\"Île\\""}'}},

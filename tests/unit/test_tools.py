@@ -1,4 +1,5 @@
-"""Tests for pdserve.router.tools: validation, forced choices, parsers, streaming."""
+"""Tests for pdserve.router.tools (validation, forced choices) and pdserve.router.tool_parsers
+(forced outputs, the auto parsers, streaming)."""
 
 from __future__ import annotations
 
@@ -11,24 +12,26 @@ from typing import Any
 
 import pytest
 
-from pdserve.router.schemas import APIError
-from pdserve.router.tools import (
-    MAX_TOOLS,
+from pdserve.router.errors import APIError
+from pdserve.router.tool_parsers import (
     TOOL_PARSERS,
-    ChoiceMode,
-    Tool,
     ToolCall,
-    ToolChoice,
     ToolStream,
     calls_from_forced_output,
-    forced_schema,
     get_tool_parser,
     new_call_id,
     parse_output,
+    tool_stream,
+)
+from pdserve.router.tools import (
+    MAX_TOOLS,
+    ChoiceMode,
+    Tool,
+    ToolChoice,
+    forced_schema,
     parse_tool_choice,
     parse_tools,
     tool_calls_for_template,
-    tool_stream,
 )
 
 WEATHER = {"type": "function", "function": {
@@ -516,7 +519,7 @@ def test_llama3_and_mistral_edges() -> None:
 
 def test_router_modules_never_import_torch() -> None:
     code = ("import sys; sys.modules['torch'] = None\n"
-            "import pdserve.router.tools, pdserve.router.reasoning\n")
+            "import pdserve.router.tools, pdserve.router.tool_parsers, pdserve.router.reasoning\n")
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
