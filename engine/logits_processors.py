@@ -43,16 +43,40 @@ def bitmask_words(vocab_size: int) -> int:
     return -(-vocab_size // 32)
 
 
-def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor) -> None:
-    """Set to -inf every logit whose bit is clear. logits [R, V] (V may be padded past the
-    bitmask's tokens: those are disallowed), bitmask int32 [R, ceil(V'/32)]."""
-    rows, vocab = logits.shape
-    bits = torch.arange(32, device=bitmask.device, dtype=torch.int32)
-    allowed = ((bitmask.unsqueeze(-1) >> bits) & 1).bool().view(rows, -1)
-    width = min(vocab, allowed.shape[1])
-    logits[:, :width].masked_fill_(~allowed[:, :width].to(logits.device), float("-inf"))
-    if vocab > width:
-        logits[:, width:] = float("-inf")
+_BYTE_PENALTY: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+"""Per (device, dtype): row ``b`` holds, for bits 0..7 of byte ``b``, 0 where set, -inf where clear."""
+
+
+def _byte_penalty(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    table = _BYTE_PENALTY.get((device, dtype))
+    if table is None:
+        bits = (torch.arange(256).unsqueeze(1) >> torch.arange(8)) & 1
+        table = _BYTE_PENALTY[(device, dtype)] = torch.where(bits.bool(), 0.0, float("-inf")).to(device, dtype)
+    return table
+
+
+def bitmask_penalty(bitmask: torch.Tensor, vocab: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[R, vocab]: 0 where the bit of the token is set, -inf where clear or past the
+    bitmask's tokens. Each byte of the (little-endian) int32 words looks up its 8 values
+    in a 256-row table: one gather, where unpacking bit by bit takes four passes."""
+    rows = bitmask.shape[0]
+    index = bitmask.contiguous().view(torch.uint8).view(rows, -1).long()
+    penalty = torch.nn.functional.embedding(index, _byte_penalty(bitmask.device, dtype)).view(rows, -1)
+    width = penalty.shape[1]
+    if vocab <= width:
+        return penalty[:, :vocab]
+    return torch.cat([penalty, penalty.new_full((rows, vocab - width), float("-inf"))], dim=1)
+
+
+def apply_token_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: torch.Tensor | None = None) -> None:
+    """Set to -inf every logit whose bit is clear, in place. logits [R, V] (V may be padded
+    past the bitmask's tokens: those are disallowed); bitmask int32 [R', ceil(V'/32)] for
+    logits rows ``rows`` (every row when None), on the logits' device or the CPU."""
+    penalty = bitmask_penalty(bitmask.to(logits.device), logits.shape[1], logits.dtype)
+    if rows is None:
+        logits.add_(penalty)
+    else:
+        logits.index_add_(0, rows, penalty)
 
 
 class _State:
@@ -157,10 +181,8 @@ class LogitsProcessors:
                 by_class.setdefault(type(constraint), []).append((constraint, row))
             for cls, items in by_class.items():
                 cls.fill_bitmasks(items, bitmask)
-            index = torch.tensor(constrained, device=device)
-            sub = logits[index]
-            apply_token_bitmask(sub, bitmask.to(device))
-            logits[index] = sub
+            every_row = len(constrained) == logits.shape[0]
+            apply_token_bitmask(logits, bitmask, None if every_row else torch.tensor(constrained, device=device))
 
     # -- 2. logit_bias -----------------------------------------------------------------
 

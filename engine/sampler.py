@@ -36,6 +36,7 @@ without a seed gets one from this sampler's own seeded stream on each call.
 
 from __future__ import annotations
 
+import math
 import random
 import threading
 from dataclasses import dataclass
@@ -54,6 +55,12 @@ WINDOW_MIN_VOCAB = 16384
 """Below this vocabulary the window's sort costs more than a rejection pass over the whole
 row, so filtered rows go straight to the rejection draw."""
 MAX_ROUNDS = 8
+EXP_FLOOR = -87.0
+"""CPU only: exp() of an input below about -87.3 (a masked token's -inf, a denormal
+result) takes a scalar slow path, 3-4x a pass. Rows with processors (masks) have their
+exponent clamped to this floor, and ``_EXP_FLOOR_VALUE`` (just above exp(floor)) taken off
+after: masked tokens get exactly 0, and so do tokens below p_max * 1.7e-38."""
+_EXP_FLOOR_VALUE = math.exp(EXP_FLOOR) * (1 + 1e-5)
 """Rejection rounds for wide rows before one exact sort."""
 
 
@@ -172,7 +179,12 @@ class Sampler:
             row_max = ws.amax(-1, keepdim=True)
             dead = torch.isneginf(row_max).squeeze(1)
             ws.sub_(row_max.masked_fill(dead.unsqueeze(1), 0.0))
+        floor = device.type == "cpu" and any(processed)
+        if floor:
+            ws.clamp_(min=EXP_FLOOR)
         ws.exp_()  # e = p / p_max; padding and masked tokens become 0
+        if floor:
+            ws.sub_(_EXP_FLOOR_VALUE).clamp_(min=0.0)
         chunk_sum32 = chunks.sum(-1)  # [R, NC]; also a bound on every e inside the chunk
         chunk_sum = chunk_sum32.double()
         total = chunk_sum.sum(-1)
