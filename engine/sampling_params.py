@@ -21,6 +21,7 @@ MAX_TOKEN_ID_LIST = 4096
 MAX_GRAMMAR_CHARS = 64 << 10
 """Length of a structured-output spec (schema, regex, grammar, choices)."""
 STRUCTURED_OUTPUT_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+REASONING_MODES = ("", "optional", "open")
 
 
 @dataclass(frozen=True)
@@ -29,13 +30,20 @@ class StructuredOutput:
 
     ``kind``: "json" (``spec`` is a JSON schema), "json_object" (any JSON object; ``spec``
     empty), "regex", "choice" (``spec`` is a JSON list of strings) or "grammar" (Lark, or
-    GBNF/EBNF as llama.cpp and vLLM write it). Compiled by ``structured_output.py``.
+    GBNF/EBNF as llama.cpp and vLLM write it). Compiled by ``structured_output.py``; with
+    ``reasoning``, the grammar applies after the model's thinking block.
     """
 
     kind: str
     spec: str = ""
+    reasoning: str = ""
+    """Reasoning models: "" (the grammar starts at the first token), "optional" (a
+    ``<think>...</think>`` block may come first: Qwen3) or "open" (the output starts inside
+    the block, whose ``</think>`` ends it: DeepSeek-R1). The block is free text."""
 
     def __post_init__(self) -> None:
+        if self.reasoning not in REASONING_MODES:
+            raise ValueError(f"structured_output reasoning must be one of {REASONING_MODES}, got {self.reasoning!r}")
         if self.kind not in STRUCTURED_OUTPUT_KINDS:
             raise ValueError(f"structured_output kind must be one of {STRUCTURED_OUTPUT_KINDS}, got {self.kind!r}")
         if not isinstance(self.spec, str):

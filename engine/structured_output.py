@@ -22,7 +22,7 @@ generated compact (no whitespace between tokens), so a schema with bounded strin
 arrays has a bounded output; ``max_tokens`` still cuts it, with finish_reason "length".
 
 Who owns what: a :class:`Grammars` per tokenizer caches each spec's compiled grammar
-(a matcher with no tokens consumed) by ``(kind, spec)``; each completion gets its own
+(a matcher with no tokens consumed) by the whole ``StructuredOutput``; each completion gets its own
 :class:`GrammarConstraint`, a copy of that matcher, which the engine advances on every
 output token it appends (its own, or the first token a prefill worker sampled under the
 same grammar: the hop needs to carry nothing else) and closes when the completion ends.
@@ -101,8 +101,31 @@ class TokenConstraint(ABC):
             constraint.fill_bitmask(bitmask[row])
 
 
+THINK_START, THINK_END = "<think>", "</think>"
+
+# The thinking block before a reasoning model's constrained answer: free text up to the
+# closing tag (llguidance's stop attribute: no lookahead regex needed), then the
+# newlines chat templates put after it (what router/reasoning.py strips), then the
+# answer's own grammar (@body).
+_REASONING_LARK = {
+    "optional": 'start: think? @body\nthink: "{start}" thought "{end}" SEP\n',
+    "open": 'start: "{start}"? thought "{end}" SEP @body\n',
+}
+_THOUGHT_LARK = 'thought[stop="{end}"]: /(.|\\n)*/\nSEP: /\\n*/\n'
+
+
 def grammar_text(so: StructuredOutput) -> str:
     """The llguidance grammar of ``so``; ValueError naming what is wrong with the spec."""
+    body = _body_text(so)
+    if not so.reasoning:
+        return body
+    grammars = json.loads(body)["grammars"]
+    grammars[0] = {**grammars[0], "name": "body"}
+    lark = (_REASONING_LARK[so.reasoning] + _THOUGHT_LARK).format(start=THINK_START, end=THINK_END)
+    return json.dumps({"grammars": [{"lark_grammar": lark}, *grammars]})
+
+
+def _body_text(so: StructuredOutput) -> str:
     kind, spec = so.kind, so.spec
     if kind == "json":
         try:
@@ -160,13 +183,13 @@ class Grammars:
             raise ValueError("structured outputs need at least one EOS token id")
         self.vocab_size = vocab_size
         self.tokenizer = llg.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=eos)
-        self._cache: OrderedDict[tuple[str, str], llg.LLMatcher | str] = OrderedDict()
+        self._cache: OrderedDict[StructuredOutput, llg.LLMatcher | str] = OrderedDict()
         self._lock = threading.Lock()
         self.num_open = 0
         """Constraints made and not closed yet (tests check this drops back to 0)."""
 
     def _compiled(self, so: StructuredOutput) -> llg.LLMatcher:
-        key = (so.kind, so.spec)
+        key = so  # frozen: kind, spec and reasoning
         with self._lock:
             hit = self._cache.get(key)
             if hit is not None:

@@ -49,7 +49,7 @@ def sampling_kwargs(msg: pb.SamplingParams) -> dict[str, Any]:
 def structured_output_kwargs(msg: pb.StructuredOutput) -> dict[str, str]:
     """Keyword arguments for ``pdserve.engine.sampling_params.StructuredOutput`` (the
     engine side turns them into one; this module imports nothing of the engine)."""
-    return {"kind": msg.kind, "spec": msg.spec}
+    return {"kind": msg.kind, "spec": msg.spec, "reasoning": msg.reasoning}
 
 
 def sampling_message(params: Any) -> pb.SamplingParams:
@@ -68,6 +68,7 @@ def sampling_message(params: Any) -> pb.SamplingParams:
     if params.structured_output is not None:
         msg.structured_output.kind = params.structured_output.kind
         msg.structured_output.spec = params.structured_output.spec
+        msg.structured_output.reasoning = params.structured_output.reasoning
     if params.prompt_logprobs is not None:
         msg.prompt_logprobs = params.prompt_logprobs
     if params.seed is not None:

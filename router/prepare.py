@@ -77,6 +77,8 @@ def prepare_generation(gateway: Gateway, body: Any, chat: bool) -> GenerationJob
             if structured is not None:
                 raise invalid(f"{structured_param} cannot be combined with a forced tool_choice", param="tool_choice")
             structured, structured_param = _forced_structured_output(schema), "tool_choice"
+        if structured is not None and gateway.reasoning_parser is not None:  # the answer follows the thinking
+            structured = dataclasses.replace(structured, reasoning=gateway.reasoning_parser.grammar_mode)
         chat_output = ChatOutput(tools, choice, parser, gateway.reasoning_parser, req.include_reasoning is not False)
         prompts = [encode_chat(gateway, req, tools)[-keep:]]
         prompt_param = "messages"

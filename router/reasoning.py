@@ -103,6 +103,9 @@ class ReasoningStream:
 
 class ReasoningParser(ABC):
     name: str
+    grammar_mode: str
+    """Where a structured output's grammar lets this family think first
+    (``StructuredOutput.reasoning``): "optional" or "open"."""
 
     @abstractmethod
     def split(self, text: str) -> tuple[str | None, str | None]:
@@ -123,6 +126,7 @@ def _split_block(body: str) -> tuple[str | None, str | None]:
 
 class Qwen3ReasoningParser(ReasoningParser):
     name = "qwen3"
+    grammar_mode = "optional"
 
     def split(self, text: str) -> tuple[str | None, str | None]:
         body = text.lstrip(_WS)
@@ -136,6 +140,7 @@ class Qwen3ReasoningParser(ReasoningParser):
 
 class DeepSeekR1ReasoningParser(ReasoningParser):
     name = "deepseek_r1"
+    grammar_mode = "open"
 
     def split(self, text: str) -> tuple[str | None, str | None]:
         body = text.lstrip(_WS)

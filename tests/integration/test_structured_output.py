@@ -198,3 +198,36 @@ def test_compile_cache_and_batched_masks(model_dir):
     for c in constraints:
         c.close()
     assert grammars.num_open == 0
+
+
+@pytest.mark.parametrize("mode,accepted,refused", [
+    ("optional", ['<think>\nsome thought\n</think>\n\n{"a":5}', '{"a":5}', "<think>x</think>{\"a\":1}"],
+     ['thought</think>{"a":1}', '<think>x</think>nope']),
+    ("open", ['some thought\n</think>\n\n{"a":5}', '<think>x</think>{"a":2}'],
+     ['{"a":5', 'x</think>{"a":"no"}']),
+], ids=["qwen3-optional", "r1-open"])
+def test_reasoning_modes_let_the_model_think_before_the_grammar(model_dir, mode, accepted, refused):
+    tok = Tokenizer.from_dir(model_dir)
+    grammars = Grammars(tok.to_json(), 8192, tok.eos_token_ids)
+    so = StructuredOutput("json", json.dumps({"type": "object", "properties": {"a": {"type": "integer"}},
+                                              "required": ["a"], "additionalProperties": False}), reasoning=mode)
+    check(so)
+    for text in accepted:
+        c = grammars.constraint(so)
+        c.catch_up(tok.encode(text, add_special_tokens=False))
+        assert c.matcher.is_accepting(), text
+        c.close()
+    for text in refused:
+        c = grammars.constraint(so)
+        ids = tok.encode(text, add_special_tokens=False)
+        with pytest.raises(ValueError):
+            c.catch_up(ids)
+            if not c.matcher.is_accepting():  # a prefix the grammar allows but cannot end on
+                raise ValueError("not accepting")
+        c.close()
+    # The plain grammar is a different cache entry: no thinking allowed there.
+    plain = grammars.constraint(StructuredOutput("json", so.spec))
+    with pytest.raises(ValueError):
+        plain.catch_up(tok.encode("<think>", add_special_tokens=False))
+    plain.close()
+    assert grammars.num_open == 0

@@ -9,6 +9,7 @@ workers are exercised in tests/integration/test_gateway.py.
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import threading
@@ -576,3 +577,49 @@ def test_serve_warns_beyond_loopback_without_a_key(tmp_path, monkeypatch, caplog
     assert [r.getMessage() for r in caplog.records if "without an API key" in r.getMessage()] == [
         "the gateway listens on 0.0.0.0 without an API key: anyone who can reach it can use it (set --api-key)"]
     assert [(kw["host"], kw["port"]) for kw in runs] == [("127.0.0.1", 8000), ("0.0.0.0", 9000), ("0.0.0.0", 8000)]
+
+
+def test_a_reasoning_gateway_lets_the_grammar_start_after_the_thinking(cluster):
+    """With --reasoning-parser, structured outputs (and forced tool calls) are sent with the
+    parser's grammar mode, so the model may think before the constrained answer."""
+    fake, gateway, _, _ = cluster
+    base = gateway(reasoning_parser="qwen3", tool_call_parser="hermes")
+    plain = gateway()
+    body = {"model": "fake", "messages": [{"role": "user", "content": "x"}], "max_tokens": 4,
+            "response_format": {"type": "json_object"}}
+    for url, mode in ((base, "optional"), (plain, "")):
+        assert post(url, "/v1/chat/completions", body).status_code == 200
+        sent = SamplingParams(**convert.sampling_kwargs(fake.requests[-1].sampling_params))
+        assert sent.structured_output.kind == "json_object" and sent.structured_output.reasoning == mode
+    forced = {**body, "response_format": None, "tools": TOOLS, "tool_choice": "required"}
+    assert post(base, "/v1/chat/completions", forced).status_code == 200
+    sent = SamplingParams(**convert.sampling_kwargs(fake.requests[-1].sampling_params))
+    assert sent.structured_output.kind == "json" and sent.structured_output.reasoning == "optional"
+    # Completions have no reasoning parser: the grammar starts at the first token.
+    assert post(base, "/v1/completions", {"model": "fake", "prompt": "x", "max_tokens": 2,
+                                          "guided_regex": "[a-z]+"}).status_code == 200
+    assert SamplingParams(**convert.sampling_kwargs(fake.requests[-1].sampling_params)).structured_output.reasoning == ""
+
+
+def test_chat_template_kwargs_documents_and_add_generation_prompt_reach_the_template(cluster, tmp_path):
+    _, gateway, _, model_dir = cluster
+    thinking = tmp_path / "thinking"
+    shutil.copytree(model_dir, thinking)
+    config = json.loads((thinking / "tokenizer_config.json").read_text())
+    config["chat_template"] = (
+        "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+        "{% if documents %}[{{ documents | length }} docs]{% endif %}"
+        "{% if enable_thinking is defined and not enable_thinking %}<think></think>{% endif %}"
+        "{% if add_generation_prompt %}>{% endif %}")
+    (thinking / "tokenizer_config.json").write_text(json.dumps(config))
+    url = gateway(model_dir=str(thinking))
+    tok = EngineTokenizer.from_dir(thinking)
+
+    def rendered(**extra) -> str:
+        r = post(url, "/tokenize", {"messages": [{"role": "user", "content": "hi"}], **extra})
+        assert r.status_code == 200, r.text
+        return tok.decode(r.json()["tokens"], skip_special_tokens=False)
+
+    assert rendered() == "hi>"
+    assert rendered(chat_template_kwargs={"enable_thinking": False}) == "hi<think></think>>"
+    assert rendered(documents=[{"text": "a"}, {"text": "b"}], add_generation_prompt=False) == "hi[2 docs]"

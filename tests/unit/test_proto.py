@@ -42,7 +42,7 @@ ROUND_TRIP = [
                    banned_token_ids=(9, 0), prompt_logprobs=3, include_stop_str_in_output=True,
                    spaces_between_special_tokens=False),
     SamplingParams(structured_output=StructuredOutput("json", '{"type": "object"}'), prompt_logprobs=0),
-    SamplingParams(structured_output=StructuredOutput("json_object")),
+    SamplingParams(structured_output=StructuredOutput("json_object", reasoning="open")),
     SamplingParams(repetition_penalty=1.0, logit_bias={}, allowed_token_ids=(0,)),  # neutral values, one id
 ]
 
