@@ -1,14 +1,14 @@
 """The simulator's router: the gateway's policies (router/policy.py) over simulated workers.
 
-Re-stated here rather than imported because ``pdserve.router`` speaks protobuf and
-``loadtest/`` stays proto-free. Same decisions, one difference: the router reads the
-workers' exact current load (the real one reads Stats reports up to a second old plus
-its own decisions since).
+The ``kv`` costs are the router's own functions (``pdserve.router.cost``, proto-free), so
+the simulator decides as the gateway does; the policies' control flow is re-stated here
+because ``pdserve.router.policy`` works on protobuf worker records. One difference: this
+router reads the workers' exact current load (the real one reads Stats reports up to a
+second old plus its own decisions since).
 
-- ``kv``: decode worker D = argmin of ``used KV tokens + 256 * requests + queued prefill
-  tokens + overlap * prompt tokens D lacks + free-KV pressure``; D prefills locally when
-  it lacks fewer than ``disagg_threshold_tokens`` prompt tokens, else prefill worker P =
-  argmin of ``overlap * uncached tokens on P + P's queued prefill tokens``.
+- ``kv``: decode worker D = argmin of ``cost.decode_cost``; D prefills locally when it
+  lacks fewer than ``disagg_threshold_tokens`` prompt tokens, else prefill worker P =
+  argmin of ``cost.prefill_cost``.
 - ``round_robin`` / ``random`` / ``least_loaded``: no cache knowledge; remote prefill
   whenever the prompt has at least ``disagg_threshold_tokens`` tokens.
 
@@ -20,13 +20,12 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
+from pdserve.router.cost import CostWeights, decode_cost, pick, prefill_cost
+
 from .sim_workers import DecodeWorker, PrefillWorker
 
 POLICIES = ("kv", "round_robin", "random", "least_loaded")
 
-_DECODE_REQUEST_TOKENS = 256
-_FREE_RESERVE_FRAC = 0.05
-_NO_ROOM_COST = 1e15
 
 
 class SimRouter:
@@ -40,6 +39,7 @@ class SimRouter:
         self.block_size = block_size
         self.threshold = disagg_threshold_tokens
         self.overlap_weight = overlap_weight
+        self.weights = CostWeights(overlap_weight=overlap_weight)
         self._rng = random.Random(seed)
         self._rr_decode = 0
         self._rr_prefill = 0
@@ -57,39 +57,26 @@ class SimRouter:
             self.num_remote += 1
         return d, p
 
-    def _pick(self, costs: list[tuple[float, object]]):
-        best = min(c for c, _ in costs)
-        tied = [w for c, w in costs if c == best]
-        return tied[0] if len(tied) == 1 else self._rng.choice(tied)
-
     def _route_kv(self, n: int, hashes: Sequence[int], now: float):
         bs = self.block_size
         max_hit = min(len(hashes), (n - 1) // bs)
-        prompt_blocks = -(-n // bs)
+        w = self.weights
         costs = []
         hits = {}
         for d in self.decode:
-            hit = d.view.match(hashes, max_hit, now) if max_hit else 0
-            hits[d] = hit
-            used = (d.num_total_blocks - d.num_free_blocks) * bs
-            cost = (used + _DECODE_REQUEST_TOKENS * d.num_requests() + d.num_queued_prefill_tokens()
-                    + self.overlap_weight * (n - hit * bs))
+            hit = hits[d] = d.view.match(hashes, max_hit, now) if max_hit else 0
             waiting_blocks = sum(-(-s.prompt_len // bs) for s in d.waiting)
-            free_after = d.num_free_blocks - waiting_blocks - (prompt_blocks - hit)
-            reserve = _FREE_RESERVE_FRAC * d.num_total_blocks
-            if free_after < reserve:
-                cost += 8 * bs * (reserve - free_after)
-                if free_after < 0:
-                    cost += _NO_ROOM_COST
-            costs.append((cost, d))
-        d = self._pick(costs)
+            costs.append((decode_cost(w, prompt_tokens=n, hit_blocks=hit, block_size=bs,
+                                      used_tokens=(d.num_total_blocks - d.num_free_blocks) * bs,
+                                      requests=d.num_requests(), queued_prefill_tokens=d.num_queued_prefill_tokens(),
+                                      free_blocks=d.num_free_blocks - waiting_blocks,
+                                      total_blocks=d.num_total_blocks), d))
+        d = pick(costs, self._rng)
         p = None
         if n - hits[d] * bs >= self.threshold and self.prefill:
-            costs = []
-            for w in self.prefill:
-                hit = w.view.match(hashes, max_hit, now) if max_hit else 0
-                costs.append((self.overlap_weight * (n - hit * bs) + w.num_queued_tokens, w))
-            p = self._pick(costs)
+            p = pick([(prefill_cost(w, prompt_tokens=n, hit_blocks=x.view.match(hashes, max_hit, now) if max_hit else 0,
+                                    block_size=bs, queued_prefill_tokens=x.num_queued_tokens), x)
+                      for x in self.prefill], self._rng)
         full = hashes[: n // bs]
         if full:
             d.view.add_optimistic(full, now)

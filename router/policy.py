@@ -11,18 +11,14 @@ Policies, chosen when the :class:`Router` is built: ``kv`` (default), ``round_ro
 ``kv``
     Uses the global :class:`~pdserve.router.index.PrefixIndex` (KV events + the
     router's own recent decisions) to know how much of the prompt each worker holds.
-    D = argmin of the *decode cost* (token units)::
-
-        used KV tokens + decode_request_tokens * requests + queued prefill tokens
-        + overlap_weight * prompt tokens D lacks + free-KV pressure penalty
-
-    where the pressure penalty grows steeply once admitting the prompt would leave
-    D with fewer than ``free_reserve_frac`` of its blocks free, and dominates
-    everything when the prompt does not fit at all. Then D prefills locally when the
+    D = argmin of the *decode cost* (``cost.decode_cost``, token units: the KV it uses,
+    its running requests and queued prefill, the prompt tokens it lacks, and a steep
+    penalty once its free KV would drop below ``free_reserve_frac``; the same function
+    drives the planner's simulator). Then D prefills locally when the
     prompt tokens D lacks are fewer than ``disagg_threshold_tokens`` (moving a few
     blocks over the network costs more than computing them) or no prefill candidate
-    exists; otherwise P = argmin of ``overlap_weight * uncached prompt tokens on P +
-    queued prefill tokens on P``. After deciding, the prompt's block hashes are
+    exists; otherwise P = argmin of ``cost.prefill_cost`` (the prompt tokens P lacks,
+    behind its queued prefill tokens). After deciding, the prompt's block hashes are
     inserted into the index as optimistic entries for P and D, so the next request
     of the same family follows before the workers' events arrive.
 ``round_robin`` / ``random``
@@ -56,6 +52,7 @@ from typing import Callable, Sequence
 from pdserve.engine.hashing import block_hashes as compute_block_hashes
 from pdserve.proto import pdserve_pb2 as pb
 
+from .cost import CostWeights, decode_cost, pick, prefill_cost
 from .index import DEFAULT_OPTIMISTIC_TTL_S, PrefixIndex
 
 __all__ = ["POLICIES", "NoWorkersError", "Router", "RoutingDecision"]
@@ -64,8 +61,6 @@ POLICIES = ("kv", "round_robin", "random", "least_loaded")
 
 _DECODE_ROLES = (pb.DECODE, pb.BOTH)
 _PREFILL_ROLES = (pb.PREFILL, pb.BOTH)
-#: Cost added when the prompt does not fit in a worker's free KV blocks at all.
-_NO_ROOM_COST = 1e15
 
 
 class NoWorkersError(RuntimeError):
@@ -178,6 +173,7 @@ class Router:
         self.overlap_weight = float(overlap_weight)
         self.decode_request_tokens = int(decode_request_tokens)
         self.free_reserve_frac = float(free_reserve_frac)
+        self.weights = CostWeights(self.overlap_weight, self.decode_request_tokens, self.free_reserve_frac)
         self.seed = seed
         self.index = index if index is not None else PrefixIndex(optimistic_ttl_s=optimistic_ttl_s, clock=clock)
         self._rng = random.Random(seed)
@@ -278,48 +274,29 @@ class Router:
         # The engine always computes at least the prompt's last token.
         max_hit_blocks = min(len(hashes), (n - 1) // bs)
         matches = self.index.match(hashes[:max_hit_blocks]) if max_hit_blocks else {}
-        w_overlap = self.overlap_weight
-        prompt_blocks = -(-n // bs)
 
-        best: list[str] = []
-        best_cost = 0.0
+        w = self.weights
+        costs = []
         for wid in self._decode_ids:
             ld = self._load.get(wid) or _EMPTY_LOAD
-            hit = matches.get(wid, 0)
-            cost = (ld.used_tokens(bs) + self.decode_request_tokens * ld.requests()
-                    + ld.queued_prefill_tokens() + w_overlap * (n - hit * bs))
             total = ld.total_blocks if ld.has_stats else self._workers[wid].num_kv_blocks
-            if total:
-                free = (ld.free_blocks if ld.has_stats else total) - (-(-ld.dec_tok // bs) if ld.dec_tok > 0 else 0)
-                free_after = free - (prompt_blocks - hit)
-                reserve = self.free_reserve_frac * total
-                if free_after < reserve:
-                    # Steep: every block short of the reserve costs 8 blocks' worth of tokens.
-                    cost += 8 * bs * (reserve - free_after)
-                    if free_after < 0:
-                        cost += _NO_ROOM_COST
-            if not best or cost < best_cost:
-                best, best_cost = [wid], cost
-            elif cost == best_cost:
-                best.append(wid)
-        d = best[0] if len(best) == 1 else self._rng.choice(best)
+            free = (ld.free_blocks if ld.has_stats else total) - (-(-ld.dec_tok // bs) if ld.dec_tok > 0 else 0)
+            costs.append((decode_cost(w, prompt_tokens=n, hit_blocks=matches.get(wid, 0), block_size=bs,
+                                      used_tokens=ld.used_tokens(bs), requests=ld.requests(),
+                                      queued_prefill_tokens=ld.queued_prefill_tokens(), free_blocks=free,
+                                      total_blocks=total), wid))
+        d = pick(costs, self._rng)
         cached_d = matches.get(d, 0) * bs
 
         p = None
         cached_p = cached_d
         if n - cached_d >= self.disagg_threshold_tokens:
-            best = []
-            for wid in self._prefill_ids:
-                if wid == d and wid not in self._both:
-                    continue
-                ld = self._load.get(wid) or _EMPTY_LOAD
-                cost = w_overlap * (n - matches.get(wid, 0) * bs) + ld.queued_prefill_tokens()
-                if not best or cost < best_cost:
-                    best, best_cost = [wid], cost
-                elif cost == best_cost:
-                    best.append(wid)
-            if best:
-                choice = best[0] if len(best) == 1 else self._rng.choice(best)
+            costs = [(prefill_cost(w, prompt_tokens=n, hit_blocks=matches.get(wid, 0), block_size=bs,
+                                   queued_prefill_tokens=(self._load.get(wid) or _EMPTY_LOAD).queued_prefill_tokens()),
+                      wid)
+                     for wid in self._prefill_ids if wid != d or wid in self._both]
+            if costs:
+                choice = pick(costs, self._rng)
                 if choice != d:
                     p = choice
                     cached_p = matches.get(p, 0) * bs
