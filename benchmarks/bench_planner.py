@@ -130,7 +130,7 @@ def main() -> int:
     args = ap.parse_args()
     runs = _parse_runs(args.runs)
 
-    from pdserve.deploy.cli import default_model_dir
+    from pdserve.deploy.state import default_model_dir
     from pdserve.engine.tiny_model import ensure_tiny_model
 
     model_dir = str(ensure_tiny_model(default_model_dir()))

@@ -15,14 +15,10 @@ that `make-tiny-model` writes, created on first use under $PDSERVE_HOME
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from pathlib import Path
 
-
-def default_model_dir() -> Path:
-    home = Path(os.environ.get("PDSERVE_HOME", Path.home() / ".cache" / "pdserve"))
-    return home / "tiny-llama"
+from .state import default_model_dir
 
 
 def _resolve_model(arg: str | None) -> Path:

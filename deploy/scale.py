@@ -19,38 +19,13 @@ import json
 import os
 import sys
 import time
-from pathlib import Path
 
 from pdserve.proto import pdserve_pb2 as pb
 
+from .state import state_file
 from .store import open_store
 
 ROLE_NAMES = {pb.PREFILL: "prefill", pb.DECODE: "decode"}
-
-
-def state_file() -> Path:
-    """Where ``pdserve up`` records how to reach it (``store_url``, ``gateway_url``, ``pid``)."""
-    from .cli import default_model_dir
-
-    return default_model_dir().parent / "up.json"
-
-
-def write_state(store_url: str, gateway_url: str) -> Path:
-    path = state_file()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"store_url": store_url, "gateway_url": gateway_url, "pid": os.getpid()}))
-    tmp.replace(path)
-    return path
-
-
-def clear_state() -> None:
-    path = state_file()
-    try:
-        if json.loads(path.read_text()).get("pid") == os.getpid():
-            path.unlink()
-    except (OSError, ValueError):
-        pass
 
 
 def _nonnegative(text: str) -> int:

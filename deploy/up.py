@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
     from pdserve.router.app import GatewayConfig, serve
 
     from .ray_launcher import RayLauncher
-    from .scale import clear_state, write_state
+    from .state import clear_state, default_model_dir, write_state
     from .scaler import PoolScaler
     from .store import open_store
     from .store.embedded import ControlPlaneServer
@@ -88,8 +88,6 @@ def run(args: argparse.Namespace) -> int:
         model = args.model
     else:
         from pdserve.engine.tiny_model import ensure_tiny_model
-
-        from .cli import default_model_dir
 
         model = str(ensure_tiny_model(default_model_dir()))
         if args.tool_call_parser is None:
