@@ -112,8 +112,11 @@ def main() -> None:
                             sb = rng.sample(range(lay.num_blocks), nblocks)
                     [plan] = plan_transfer([lay], [lay], sb, db)
                     n = iters_for(plan.num_bytes)
-                    a.call("bench_write", f"src-{backend}", f"dst-{backend}", plan.descs, 2)  # warm up
-                    times = a.call("bench_write", f"src-{backend}", f"dst-{backend}", plan.descs, n,
+                    # every write needs the receiver's expectation first (kvtransfer.base, invariant 6)
+                    tids = [f"{backend}-{size}-{placement}-{i}" for i in range(n + 2)]
+                    b.call("expect_many", f"dst-{backend}", f"src-{backend}", plan.descs, tids, 600.0)
+                    a.call("bench_write", f"src-{backend}", f"dst-{backend}", plan.descs, 2, 5e-5, tids[:2])  # warm up
+                    times = a.call("bench_write", f"src-{backend}", f"dst-{backend}", plan.descs, n, 5e-5, tids[2:],
                                    timeout_s=600)
                     b.call("notifications", f"dst-{backend}")  # drop what accumulated
                     copy = a.call("memcpy", plan.num_bytes, n)

@@ -10,11 +10,17 @@ benchmarks and tests.
 Start several, then wait for all, to start them in parallel. stdout is drained by a
 thread into ``lines`` and stderr goes to a file, so a chatty worker can never block
 on a full pipe.
+
+The cluster secret (``pdserve.proto.auth``) reaches a worker the way it reaches any
+plain-process worker: ``$PDSERVE_CLUSTER_SECRET`` in its environment (inherited, or
+``cluster_secret=`` here, which sets it for the child only), never its command line.
+``channel`` signs its calls with the same secret.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -23,7 +29,7 @@ import time
 
 import grpc
 
-from pdserve.proto import convert
+from pdserve.proto import auth, convert
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 
@@ -31,9 +37,13 @@ _STUBS = {"prefill": pb_grpc.PrefillStub, "decode": pb_grpc.DecodeStub, "both": 
 
 
 class WorkerProcess:
-    def __init__(self, role: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, role: str, argv: list[str], env: dict[str, str] | None = None,
+                 cluster_secret: bytes | None = None) -> None:
         if role not in _STUBS:
             raise ValueError(f"unknown worker role {role!r}; choose from {sorted(_STUBS)}")
+        env = _with_secret(env, cluster_secret)
+        #: What this worker checks (and ``channel`` signs with): the secret given, else its environment's.
+        self.cluster_secret = auth.load_secret(os.environ if env is None else env)
         self.role = role
         self.lines: list[str] = []
         self.address: str | None = None
@@ -81,7 +91,7 @@ class WorkerProcess:
         if self._channel is None:
             if self.address is None:
                 raise RuntimeError("wait_ready() first")
-            self._channel = grpc.insecure_channel(self.address)
+            self._channel = auth.insecure_channel(self.address, self.cluster_secret)
         return self._channel
 
     def stats(self, timeout_s: float = 10.0) -> pb.StatsResponse:
@@ -148,15 +158,24 @@ serve(GatewayConfig(**cfg), host="127.0.0.1", port=port, log_level="warning")
 """
 
 
-def start_gateway(config: dict, port: int, timeout_s: float = 60.0) -> tuple[subprocess.Popen, str]:
+def _with_secret(env: dict[str, str] | None, secret: bytes | None) -> dict[str, str] | None:
+    """The child's environment: ``env`` (default: ours), plus the secret when one is given."""
+    if secret is None:
+        return env
+    return {**(os.environ if env is None else env), auth.SECRET_ENV: secret.decode()}
+
+
+def start_gateway(config: dict, port: int, timeout_s: float = 60.0,
+                  cluster_secret: bytes | None = None) -> tuple[subprocess.Popen, str]:
     """A gateway (``GatewayConfig(**config)``) as a child process on 127.0.0.1:``port``.
     Returns (process, base URL) once it routes to a decode worker (not "ready": a prefill
-    worker is optional) and one registry refresh has passed."""
+    worker is optional) and one registry refresh has passed. ``cluster_secret`` reaches
+    it through its environment (``GatewayConfig``'s default), not its command line."""
     import httpx
 
     log = tempfile.TemporaryFile(mode="w+")
     proc = subprocess.Popen([sys.executable, "-c", _GATEWAY, json.dumps({**config, "port": port})],
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, env=_with_secret(None, cluster_secret))
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout_s
     while True:

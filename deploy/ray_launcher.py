@@ -51,12 +51,23 @@ ranks) along with it.
 
 Ray is the orchestrator, never on the data path: requests and KV go over gRPC and the
 transfer backend, never through Ray objects.
+
+Security (docs/security.md). A local Ray the launcher starts listens on 127.0.0.1 only
+(GCS, raylet, object manager, agents, workers: :func:`_loopback_ray`), with Ray's token
+authentication on and its token file readable by its owner only. Each worker gets the
+cluster secret (``cluster_secret``, else the environment's; generated here when a
+worker would listen beyond loopback without one: :attr:`RayLauncher.cluster_secret`)
+and the store's password as actor arguments: never in its flags (the store URL it gets
+has no password) or its runtime environment.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import secrets
+import stat
 import uuid
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -66,7 +77,10 @@ import ray
 from ray.util.placement_group import PlacementGroup, placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from pdserve.proto import auth
+
 from .cluster import ClusterSpec, PoolSpec
+from .credentials import redis_password, strip_password, url_password
 from .worker_actor import WorkerActor, WorkerStartError
 from .placement import NodeView, SpreadPlanner, group_resources, live_nodes, plain_resources
 
@@ -114,6 +128,65 @@ def _actor_resource_options(resources: dict[str, float]) -> dict[str, Any]:
 LOCAL_START_ATTEMPTS = 3
 
 
+#: Ray 2.60's switch for single-machine platforms: off, a new node takes 127.0.0.1 as its
+#: IP instead of the external interface's, and every Ray server binds the node IP.
+_RAY_SINGLE_MACHINE = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+@contextlib.contextmanager
+def _loopback_ray():
+    """While a new local Ray node starts: make it bind 127.0.0.1, not every interface.
+
+    NOTE: Ray 2.60 binds its servers to the node IP, and picks the external interface's
+    address for a new node even when given 127.0.0.1 (``resolve_ip_for_localhost``),
+    unless ``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER`` is off: then a node is one machine, on
+    loopback. The variable is read by the processes the node starts (they inherit it),
+    and by this process once, at import (``ray_constants.ENABLE_RAY_CLUSTER``), so both
+    are set while the node starts and restored after. Checked with ``ss -ltnp``: GCS,
+    raylet, object manager, agents and workers all on 127.0.0.1
+    (tests/integration/test_security.py).
+    """
+    from ray._private import ray_constants  # noqa: PLC0415
+
+    old_env = os.environ.get(_RAY_SINGLE_MACHINE)
+    old_const = getattr(ray_constants, "ENABLE_RAY_CLUSTER", None)
+    os.environ[_RAY_SINGLE_MACHINE] = "0"
+    ray_constants.ENABLE_RAY_CLUSTER = False
+    try:
+        yield
+    finally:
+        if old_env is None:
+            os.environ.pop(_RAY_SINGLE_MACHINE, None)
+        else:
+            os.environ[_RAY_SINGLE_MACHINE] = old_env
+        if old_const is not None:
+            ray_constants.ENABLE_RAY_CLUSTER = old_const
+
+
+def _ensure_ray_token_file() -> None:
+    """Ray 2.60 turns token authentication on for a new local node and writes a missing
+    token to ``~/.ray/auth_token`` with the default umask (often world-readable). Write
+    it first, readable by its owner only; warn about an existing one others can read."""
+    if os.environ.get("RAY_AUTH_MODE", "token").lower() != "token":
+        return
+    if os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        return
+    path = os.path.expanduser("~/.ray/auth_token")
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except FileNotFoundError:
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return
+        with os.fdopen(fd, "w") as f:
+            f.write(secrets.token_hex(32))
+        return
+    if mode & 0o077:
+        log.warning("Ray's token file %s is readable by other users (mode %04o): chmod 600 %s", path, mode, path)
+
+
 def _start_local_ray(**kwargs: Any) -> None:
     """``ray.init`` of a new local node, retried when the node is slow to come up.
 
@@ -121,9 +194,13 @@ def _start_local_ray(**kwargs: Any) -> None:
     environment (its agents' one-time set-up) on a loaded 2-core machine has been seen
     to overrun that; a second start then comes up in seconds.
     """
+    _ensure_ray_token_file()
     for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
         try:
-            ray.init(address="local", **kwargs)
+            with _loopback_ray():
+                ray.init(address="local", **kwargs)
+            if ray.util.get_node_ip_address() != "127.0.0.1":
+                log.warning("the local Ray node is on %s, not loopback", ray.util.get_node_ip_address())
             return
         except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for this
             if "timed out during startup" not in str(e) or attempt == LOCAL_START_ATTEMPTS:
@@ -140,10 +217,15 @@ class RayLauncher:
     reachable from the worker processes. ``ray_address``: an existing cluster
     (``"auto"``, ``"host:port"``, ``"ray://..."``); None starts a local Ray instance with
     ``num_cpus = max(cores, CPUs the spec needs)`` (logical CPUs, so a TP=2 spec still
-    fits a 2-core box), no dashboard and a small object store. If Ray is already
-    initialized in this process the launcher uses it and leaves it running on shutdown.
-    With ``ray_address`` the launcher's :meth:`shutdown` only disconnects this process
-    from the cluster (after removing its own actors and placement groups).
+    fits a 2-core box), no dashboard and a small object store, on 127.0.0.1 only. If
+    Ray is already initialized in this process the launcher uses it and leaves it
+    running on shutdown. With ``ray_address`` the launcher's :meth:`shutdown` only
+    disconnects this process from the cluster (after removing its own actors and
+    placement groups).
+
+    ``cluster_secret`` (default: the environment's) is every worker's; ``store_password``
+    (default: the store URL's, else the environment's) is the Redis store's. Both reach
+    the workers as actor arguments only.
     """
 
     def __init__(
@@ -158,6 +240,8 @@ class RayLauncher:
         placement_timeout_s: float = 60.0,
         start_timeout_s: float = 300.0,
         num_cpus: int | None = None,
+        cluster_secret: bytes | None = None,
+        store_password: str | None = None,
     ) -> None:
         if not isinstance(spec, ClusterSpec):
             raise TypeError(f"spec must be a ClusterSpec, got {type(spec).__name__}")
@@ -167,6 +251,12 @@ class RayLauncher:
             )
         self.spec = spec
         self.store_url = store_url
+        #: The workers' secret (None: none given, and every worker listens on loopback).
+        self.cluster_secret: bytes | None = cluster_secret if cluster_secret is not None else auth.load_secret()
+        is_redis = urlsplit(store_url).scheme in ("redis", "rediss", "unix")
+        self._store_password = store_password or url_password(store_url) or (
+            redis_password(store_url) if is_redis else None)
+        self._worker_store_url = strip_password(store_url)
         self.ray_address = ray_address
         self.placement_timeout_s = placement_timeout_s
         self.start_timeout_s = start_timeout_s
@@ -243,6 +333,9 @@ class RayLauncher:
                 if nodes_of[0] not in addresses:  # a node that joined after the snapshot
                     addresses.update({n["NodeID"]: n["NodeManagerAddress"] for n in ray.nodes()})
                 host = addresses[nodes_of[0]] if self._bind_node_ip else None
+                if host is not None and not auth.is_loopback(host) and self.cluster_secret is None:
+                    self.cluster_secret = auth.generate_secret()
+                    log.info("workers listen beyond loopback and no cluster secret was given: generated one")
                 started.append((p, i, pg, self._create_actor(p, i, pg, host)))
             refs = [actor.start.remote(self.start_timeout_s) for *_, actor in started]
             handles = []
@@ -304,7 +397,7 @@ class RayLauncher:
             )
 
     def _create_actor(self, pool: PoolSpec, index: int, pg: PlacementGroup, host: str | None = None):
-        argv = self.spec.worker_args(pool, index, store_url=self.store_url)
+        argv = self.spec.worker_args(pool, index, store_url=self._worker_store_url)
         env: dict[str, str] = {}
         if host is not None and not any(a == "--host" or a.startswith("--host=") for a in argv):
             argv += ["--host", host]
@@ -327,7 +420,8 @@ class RayLauncher:
         )
         if runtime_env:
             opts["runtime_env"] = runtime_env
-        return WorkerActor.options(**opts).remote(pool.role, argv, env)
+        credentials = {"cluster_secret": self.cluster_secret, "store_password": self._store_password}
+        return WorkerActor.options(**opts).remote(pool.role, argv, env, credentials)
 
     # ------------------------------------------------------------------ supervision
 

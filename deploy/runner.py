@@ -11,6 +11,14 @@ finishes what it runs, refuses new work only once idle; a second signal stops at
 once), stop serving, deregister and exit. Prints
 ``READY <worker_id> <host:port>`` once registered. Ray actors run the same
 ``serve`` coroutine (deploy launches them); nothing here needs Ray.
+
+Authentication (``pdserve.proto.auth``, docs/security.md): with a cluster secret every
+gRPC call to this worker needs a valid token (health checks excepted), and its own calls
+(to a prefill worker, to a ``grpc://`` store) carry one. The secret comes from the Ray
+launcher (``args.cluster_secret``, an actor argument), ``--cluster-secret-file`` or the
+environment (``$PDSERVE_CLUSTER_SECRET[_FILE]``); never from a flag's value. Without one
+the worker only serves on loopback. The KV transfer agents bind ``--host`` too
+(``$PDSERVE_KV_HOST``), not every interface.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ from pdserve.engine.block_pool import BlockStored
 from pdserve.engine.config import CacheConfig, EngineConfig, ModelConfig, ParallelConfig, SchedulerConfig, parse_dtype
 from pdserve.engine.engine import LLMEngine
 from pdserve.engine.tokenizer import Tokenizer
-from pdserve.proto import PROTOCOL_VERSION
+from pdserve.proto import PROTOCOL_VERSION, auth
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 
@@ -58,6 +66,9 @@ def build_parser(role: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--worker-id", default=None, help="default: <role>-<random>")
     ap.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback)")
     ap.add_argument("--port", type=int, default=0, help="gRPC port (0: any free port)")
+    ap.add_argument("--cluster-secret-file", default=None,
+                    help="file (mode 600) holding the cluster secret that authenticates internal gRPC calls "
+                         "(default: $PDSERVE_CLUSTER_SECRET or $PDSERVE_CLUSTER_SECRET_FILE; required beyond loopback)")
     ap.add_argument("--tensor-parallel-size", "--tp", type=int, default=1)
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
@@ -71,6 +82,9 @@ def build_parser(role: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--kv-cache-memory", type=int, default=512 << 20, help="KV bytes per rank when --num-kv-blocks is unset")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-waiting-requests", type=int, default=None,
+                    help="refuse new Generate calls (RESOURCE_EXHAUSTED; the gateway tries another worker) while "
+                         "this many requests wait to be scheduled (default: 4 x --max-num-seqs; 0: no limit)")
     ap.add_argument("--transfer-backend", default="nixl", choices=["nixl", "torch_dist"])
     ap.add_argument("--heartbeat-ttl", type=float, default=10.0, help="seconds a registration lives without heartbeat")
     ap.add_argument("--prefill-timeout", type=float, default=60.0, help="seconds for a remote prefill hop")
@@ -150,7 +164,11 @@ async def serve(args: argparse.Namespace, role_name: str, shutdown: Shutdown | N
     role = ROLES[role_name]
     worker_id = args.worker_id or f"{role_name}-{uuid.uuid4().hex[:8]}"
     policy = DrainPolicy(args.drain_grace, args.drain_timeout)
-    store = open_store(args.store)
+    secret = cluster_secret(args)
+    auth.require_secret_beyond_loopback(args.host, secret, f"the {role_name} worker")
+    if not auth.is_loopback(args.host) and args.host not in ("", "0.0.0.0", "::"):
+        os.environ.setdefault("PDSERVE_KV_HOST", args.host)  # the KV agents bind where the worker serves
+    store = open_store(args.store, cluster_secret=secret, password=getattr(args, "store_password", None))
     config = dataclasses.replace(
         engine_config(args),
         rank_extension=kvworker.EXTENSION,
@@ -158,11 +176,13 @@ async def serve(args: argparse.Namespace, role_name: str, shutdown: Shutdown | N
     )
     engine = LLMEngine(config, Tokenizer.from_dir(args.model))
     transport = kvworker.EngineTransport(engine, args.transfer_backend)  # before the engine thread starts
-    aengine = AsyncEngine(engine, asyncio.get_running_loop())
+    waiting = args.max_waiting_requests if args.max_waiting_requests is not None else 4 * args.max_num_seqs
+    aengine = AsyncEngine(engine, asyncio.get_running_loop(), max_waiting_requests=waiting or None)
     transport.attach(aengine)
     peers = StorePeers(store)
     activity = Activity()
-    server = grpc.aio.server(interceptors=[activity])
+    # Auth first: a refused call never reaches the drain's in-flight count.
+    server = grpc.aio.server(interceptors=[*auth.server_interceptors(secret, f"worker {worker_id}"), activity])
     services = {}
     if role in (pb.PREFILL, pb.BOTH):
         from pdserve.prefill_worker.service import PrefillService
@@ -172,7 +192,8 @@ async def serve(args: argparse.Namespace, role_name: str, shutdown: Shutdown | N
     if role in (pb.DECODE, pb.BOTH):
         from pdserve.decode_worker.service import DecodeService
 
-        services["decode"] = DecodeService(aengine, worker_id, peers, transport, args.prefill_timeout)
+        services["decode"] = DecodeService(aengine, worker_id, peers, transport, args.prefill_timeout,
+                                           cluster_secret=secret)
         pb_grpc.add_DecodeServicer_to_server(services["decode"], server)
     health_servicer = health.aio.HealthServicer() if hasattr(health, "aio") else health.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -227,6 +248,17 @@ async def serve(args: argparse.Namespace, role_name: str, shutdown: Shutdown | N
         transport.close()
         aengine.shutdown()
         store.close()
+
+
+def cluster_secret(args: argparse.Namespace) -> bytes | None:
+    """The worker's secret: the launcher's (``args.cluster_secret``, never a flag), else
+    ``--cluster-secret-file``'s, else the environment's, else None."""
+    given = getattr(args, "cluster_secret", None)
+    if given is not None:
+        return given
+    if getattr(args, "cluster_secret_file", None):
+        return auth.read_secret_file(args.cluster_secret_file)
+    return auth.load_secret()
 
 
 async def _set_serving(servicer, status=health_pb2.HealthCheckResponse.SERVING) -> None:
@@ -296,6 +328,9 @@ def main(role: str | None = None, argv: list[str] | None = None) -> int:
     args = build_parser(role).parse_args(argv)
     role = role or args.role
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
+    from .credentials import warn_if_password_in_url  # noqa: PLC0415
+
+    warn_if_password_in_url(args.store, "--store")
     try:
         asyncio.run(serve(args, role))
     except ValueError as e:  # bad configuration, incompatible registration

@@ -11,6 +11,13 @@
    store's pool targets, which ``pdserve scale`` changes (live scaling), and replaces
    workers that die. How to reach this deployment (store and gateway URL) is recorded
    in ``$PDSERVE_HOME/up.json`` for ``pdserve scale``.
+
+Every internal gRPC call is authenticated with one cluster secret (docs/security.md):
+``--cluster-secret-file``, else ``$PDSERVE_CLUSTER_SECRET[_FILE]``, else a new one. It
+goes to the store server and the gateway in this process and to the workers as Ray actor
+arguments; a generated one is also left in ``$PDSERVE_HOME/cluster-secret`` (mode 0600)
+for ``pdserve scale`` while this runs. The Redis password (``--redis-url``'s, or
+``$PDSERVE_REDIS_PASSWORD[_FILE]``) reaches the workers the same way.
 """
 
 from __future__ import annotations
@@ -40,7 +47,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--api-key", default=None,
                    help="require 'Authorization: Bearer KEY' on /v1 routes (default: $PDSERVE_API_KEY)")
     p.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: start a local one)")
-    p.add_argument("--redis-url", default=None, help="Redis control-plane store (default: embedded)")
+    p.add_argument("--redis-url", default=None,
+                   help="Redis control-plane store, redis:// or rediss:// (TLS) (default: embedded); its password "
+                        "from $PDSERVE_REDIS_PASSWORD_FILE or $PDSERVE_REDIS_PASSWORD, not the URL")
+    p.add_argument("--cluster-secret-file", default=None,
+                   help="file (mode 600) holding the secret that authenticates internal gRPC calls (default: "
+                        "$PDSERVE_CLUSTER_SECRET or $PDSERVE_CLUSTER_SECRET_FILE, else a new random one)")
     p.add_argument("--block-size", type=int, default=None)
     p.add_argument("--kv-cache-memory", type=int, default=None, help="KV cache bytes per worker rank")
     p.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"])
@@ -53,6 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "model, whose template is hermes-style; none otherwise: only forced tool choices)")
     p.add_argument("--reasoning-parser", default=None, choices=["qwen3", "deepseek_r1"],
                    help="split <think>...</think> into reasoning_content (Qwen3, DeepSeek-R1)")
+    p.add_argument("--max-migrations", type=int, default=3,
+                   help="times the gateway resumes one completion on another decode worker after its stream "
+                        "broke mid-way (the worker died or was stopped); past it the stream ends with an error")
     p.add_argument("--drain-timeout", type=float, default=600.0,
                    help="seconds a worker removed by `pdserve scale` may take to finish its requests")
 
@@ -78,6 +93,7 @@ def spec_from_args(args: argparse.Namespace, model: str) -> ClusterSpec:
 def run(args: argparse.Namespace) -> int:
     from pdserve.router.app import GatewayConfig, serve
 
+    from .credentials import LocalSecret, cluster_secret_for_up, strip_password, warn_if_password_in_url
     from .ray_launcher import RayLauncher
     from .state import clear_state, default_model_dir, write_state
     from .scaler import PoolScaler
@@ -97,13 +113,16 @@ def run(args: argparse.Namespace) -> int:
     spec = spec_from_args(args, model)
     if not any(a.split("=", 1)[0] == "--drain-timeout" for a in spec.extra_args):
         spec = dataclasses.replace(spec, extra_args=spec.extra_args + ("--drain-timeout", f"{args.drain_timeout:g}"))
+    warn_if_password_in_url(args.redis_url, "--redis-url")
+    secret, generated = cluster_secret_for_up(args.cluster_secret_file)
     server = None
     if args.redis_url:
         store_url = args.redis_url
     else:
-        server = ControlPlaneServer()
+        server = ControlPlaneServer(cluster_secret=secret)
         server.start()
         store_url = server.url
+    local_secret = LocalSecret(secret) if generated else None  # for `pdserve scale` on this machine
     launcher = scaler = store = None
     try:
         print(f"pdserve: starting {spec.num_workers()} workers for {spec.model} ...", flush=True)
@@ -111,7 +130,7 @@ def run(args: argparse.Namespace) -> int:
         if not args.ray_address:
             needed = int(-(-spec.total_resources().get("CPU", 0) // 1))
             local_cpus = args.local_cpus or max(os.cpu_count() or 1, 4 * needed)
-        launcher = RayLauncher(spec, store_url, args.ray_address, num_cpus=local_cpus)
+        launcher = RayLauncher(spec, store_url, args.ray_address, num_cpus=local_cpus, cluster_secret=secret)
         for w in launcher.launch():
             print(f"pdserve:   {w.role:<8} {w.worker_id:<12} {w.address}", flush=True)
         url = f"http://{args.host}:{args.port}"
@@ -120,13 +139,14 @@ def run(args: argparse.Namespace) -> int:
         print(f"pdserve: serving {name} at {url}/v1  (Ctrl-C stops everything)", flush=True)
         print(f"pdserve: try: curl {url}/v1/completions -H 'Content-Type: application/json'{auth} "
               f"-d '{{\"model\": \"{name}\", \"prompt\": \"Hello\", \"max_tokens\": 16}}'", flush=True)
-        store = open_store(store_url)
+        store = open_store(store_url, cluster_secret=secret)
         scaler = PoolScaler(launcher, store, spec, drain_timeout_s=args.drain_timeout)
         scaler.publish_spec_targets()
         scaler.start()
-        write_state(store_url, url)
+        write_state(strip_password(store_url), url)
         config = GatewayConfig(store_url=store_url, model_dir=spec.model, served_model_name=name,
                                api_key=args.api_key, router_policy=args.router_policy,
+                               max_migrations=args.max_migrations, cluster_secret=secret,
                                tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
         serve(config, host=args.host, port=args.port)
     finally:
@@ -140,6 +160,8 @@ def run(args: argparse.Namespace) -> int:
             launcher.shutdown()
         if server is not None:
             server.stop()
+        if local_secret is not None:
+            local_secret.remove()
         print("pdserve: stopped", flush=True)
     return 0
 

@@ -5,6 +5,10 @@ asyncio loop in a thread of its own, so the actor stays responsive to ``stop``/`
 :class:`WorkerStartError` with the reason); ``stop`` ends ``serve`` (with a drain when
 asked, ``deploy/drain.py``); an actor whose ``serve`` ended on its own exits, so Ray's
 actor table tells the truth. Placement and supervision: ``deploy/ray_launcher.py``.
+
+Credentials (the cluster secret, the store's password) arrive as an actor argument,
+never in the worker's flags or its runtime environment (which the Ray dashboard shows),
+and are set on the parsed arguments ``runner.serve`` reads.
 """
 
 from __future__ import annotations
@@ -32,10 +36,13 @@ class WorkerActor:
     deregister, free the engine) and waits for it; ``ping`` reports the state.
     """
 
-    def __init__(self, role: str, argv: list[str], env: dict[str, str] | None = None) -> None:
+    def __init__(self, role: str, argv: list[str], env: dict[str, str] | None = None,
+                 credentials: dict | None = None) -> None:
         os.environ.update(env or {})  # e.g. CUDA_VISIBLE_DEVICES for the TP ranks the engine spawns
         self.role = role
         self.argv = list(argv)
+        #: {"cluster_secret": bytes | None, "store_password": str | None}
+        self._credentials = dict(credentials or {})
         self.worker_id: str | None = None
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -53,6 +60,8 @@ class WorkerActor:
         if self._thread is not None:
             raise RuntimeError("worker already started")
         args = build_parser(self.role).parse_args(self.argv)
+        args.cluster_secret = self._credentials.get("cluster_secret")
+        args.store_password = self._credentials.get("store_password")
         if not args.worker_id:
             raise ValueError("the launcher must name the worker (--worker-id)")
         self.worker_id = args.worker_id
@@ -61,7 +70,7 @@ class WorkerActor:
         t0_ms = int(time.time() * 1000)
         self._thread = threading.Thread(target=self._run, args=(args,), name=f"pdserve-{args.worker_id}", daemon=True)
         self._thread.start()
-        store = open_store(args.store)
+        store = open_store(args.store, cluster_secret=args.cluster_secret, password=args.store_password)
         try:
             deadline = time.monotonic() + timeout_s
             while True:

@@ -96,6 +96,10 @@ class WorkerCollector(Collector):
                                                 labels=tl),
                 "latency": CounterMetricFamily(f"{PREFIX}_kv_transfer_latency_seconds",
                                                "Summed latency of completed KV transfers.", labels=tl),
+                "outcomes": CounterMetricFamily(
+                    f"{PREFIX}_kv_hop_outcomes", "Remote prefills by how they ended (decode: as acted on; "
+                    "prefill: as answered): done, never_started, transfer_failed, aborted.",
+                    labels=tl + ["outcome"]),
             }
             for kind, service in self.transfers.items():
                 t = service.transfers
@@ -104,14 +108,24 @@ class WorkerCollector(Collector):
                 fams["count"].add_metric(lv, t.transfer_count)
                 fams["failures"].add_metric(lv, t.transfer_failures)
                 fams["latency"].add_metric(lv, t.transfer_latency_ms_sum / 1000.0)
+                for outcome in ("done", "never_started", "transfer_failed", "aborted"):
+                    fams["outcomes"].add_metric(lv + [outcome], getattr(t.hop_outcomes, outcome))
             yield from fams.values()
             if "decode" in self.transfers:
+                decode = self.transfers["decode"].transfers
                 fallbacks = CounterMetricFamily(
                     f"{PREFIX}_local_prefill_fallbacks",
-                    "Remote prefills this decode worker computed itself (the prefill worker refused the hop "
-                    "or had left).", labels=labels)
-                fallbacks.add_metric(values, self.transfers["decode"].transfers.local_prefill_fallbacks)
+                    "Remote prefills this decode worker computed itself (nothing had been written, or "
+                    "nothing more could land).", labels=labels)
+                fallbacks.add_metric(values, decode.local_prefill_fallbacks)
                 yield fallbacks
+                refused = CounterMetricFamily(
+                    f"{PREFIX}_kv_refused_transfers",
+                    "KV writes and completions this decode worker refused: unknown transfer id, expired or "
+                    "ended lease, other blocks, a second completion (as of its last Stats or hop).",
+                    labels=labels)
+                refused.add_metric(values, decode.refused_transfers)
+                yield refused
 
 
 class WorkerMetrics:

@@ -7,7 +7,10 @@ iteration and hands them over with a single ``call_soon_threadsafe`` (one event-
 wake-up per step, not one per request). A consumer that lags behind the engine gets
 every step it missed at once, merged into one delta per completion (``coalesce``).
 Requests admitted for remote prefill are handed to ``on_remote_prefill`` (a coroutine
-function) on the event loop.
+function) on the event loop. With ``max_waiting_requests``, ``generate`` refuses a
+request (:class:`QueueFullError`, before any work) while that many wait to be
+scheduled: a bounded queue, so a worker under overload answers "go elsewhere" at once
+instead of queueing without end.
 """
 
 from __future__ import annotations
@@ -20,8 +23,13 @@ from typing import Any
 
 from .engine import LLMEngine
 from .outputs import CompletionDelta
+from .request import Resume
 from .sampling_params import SamplingParams
 from .scheduler import RemotePrefill
+
+
+class QueueFullError(Exception):
+    """``generate`` refused a request: the waiting queue is full (nothing was done)."""
 
 
 class AsyncEngine:
@@ -30,10 +38,15 @@ class AsyncEngine:
         engine: LLMEngine,
         loop: asyncio.AbstractEventLoop,
         on_remote_prefill: Callable[[RemotePrefill], Awaitable[None]] | None = None,
+        max_waiting_requests: int | None = None,
     ) -> None:
+        if max_waiting_requests is not None and max_waiting_requests < 1:
+            raise ValueError(f"max_waiting_requests must be >= 1 or None, got {max_waiting_requests!r}")
         self.engine = engine
         self.loop = loop
         self.on_remote_prefill = on_remote_prefill
+        self.max_waiting_requests = max_waiting_requests
+        """``generate`` refuses new requests while this many wait to be scheduled (None: no bound)."""
         self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
         self._streams: dict[str, asyncio.Queue] = {}
         """request_id -> queue of the CompletionDelta lists each step produced for it."""
@@ -64,24 +77,28 @@ class AsyncEngine:
         return await fut
 
     async def generate(
-        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams, *, remote_prefill: bool = False
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams, *, remote_prefill: bool = False,
+        resume: Resume | None = None,
     ) -> AsyncIterator[list[CompletionDelta]]:
         """Add a request and yield its deltas until every completion finished.
 
         Each yield holds at most one delta per completion: everything the engine produced
         since the consumer last asked, merged in order (one step's worth when the consumer
-        keeps up, several steps' when it lags; see ``coalesce``). Raises ValueError (bad
-        input) before yielding anything. If the consumer stops early (client gone,
-        cancellation), the request is aborted and its blocks freed.
+        keeps up, several steps' when it lags; see ``coalesce``). ``resume``: see
+        ``LLMEngine.add_request``. Raises ValueError (bad input) or QueueFullError
+        (``max_waiting_requests`` wait already) before yielding anything. If the consumer
+        stops early (client gone, cancellation), the request is aborted and its blocks freed.
         """
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
         for i in range(params.n if params.n > 1 else 0):
             self._request_of[f"{request_id}#{i}"] = request_id
         try:
-            await self.call(lambda: self.engine.add_request(request_id, prompt_token_ids, params, remote_prefill=remote_prefill))
+            await self.call(lambda: self._admit(request_id, prompt_token_ids, params, remote_prefill, resume))
         except BaseException:
             self._streams.pop(request_id, None)
+            for i in range(params.n if params.n > 1 else 0):
+                self._request_of.pop(f"{request_id}#{i}", None)
             raise
         finished = False
         num_open = params.n
@@ -104,6 +121,15 @@ class AsyncEngine:
                 self.abort(request_id)
             else:
                 self._commands.put(lambda: self.engine.take_finished(request_id, []))
+
+    def _admit(self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams,
+               remote_prefill: bool, resume: Resume | None) -> None:
+        """Add a request unless the waiting queue is full (on the engine thread: the count is exact)."""
+        num_waiting = self.engine.scheduler.num_waiting
+        if self.max_waiting_requests is not None and num_waiting >= self.max_waiting_requests:
+            raise QueueFullError(f"{num_waiting} requests are waiting to be scheduled "
+                                 f"(max_waiting_requests={self.max_waiting_requests})")
+        self.engine.add_request(request_id, prompt_token_ids, params, remote_prefill=remote_prefill, resume=resume)
 
     async def prefill_only(
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
@@ -148,7 +174,8 @@ class AsyncEngine:
                     group = self._request_of.get(request_id, request_id)
                     self._dispatch(self.engine.abort_request(group, error=f"remote prefill: {e}"))
                 return  # else aborted meanwhile: nothing waits for this KV any more
-            self._dispatch([delta])
+            if delta is not None:  # None: a resumed request, which computes its next token itself
+                self._dispatch([delta])
 
         self._commands.put(command)
 

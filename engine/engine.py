@@ -23,8 +23,7 @@ from .model_runner import ModelOutput, add_prompt_logprobs, kv_block_bytes, orde
 from .output_processor import CompletionText
 from .outputs import CompletionDelta, CompletionOutput, RequestOutput
 from .parallel import TPGroup
-from .request import Request, RequestStatus
-from .rng import wrap_seed
+from .request import KVTransfer, Request, RequestStatus, Resume, completion_seed
 from .sampler import Sampler
 from .sampling_params import SamplingParams
 from .scheduler import RemotePrefill, Scheduler
@@ -63,6 +62,26 @@ class _Completion:
         self.stream = stream
         """Deltas for every token; otherwise only the final one (offline callers wait for it)."""
         self.prompt_logprobs_sent = False
+
+    def resume(self, resume: Resume) -> None:
+        """Take the resumed tokens as produced already: the grammar accepts them, and the
+        text state (detokenizer window, held-back stop-string tail) is rebuilt by replaying
+        them; the text they commit counts as streamed (the client has it). ValueError when
+        that is not a state the completion could have been in while unfinished."""
+        req = self.request
+        self.output.token_ids.extend(resume.output_token_ids)
+        if req.constraint is not None:
+            req.constraint.catch_up(req.output_token_ids)
+            if req.constraint.is_terminated:
+                raise ValueError("the resumed tokens complete the grammar: the completion had finished")
+        for token_id in resume.output_token_ids:
+            if self.text.append(token_id, False):
+                raise ValueError("the resumed tokens complete a stop string: the completion had finished")
+        text_len = len(self.text.take_delta())
+        if resume.text_len is not None and text_len != resume.text_len:
+            raise ValueError(f"the resumed tokens commit {text_len} characters of text, the client has "
+                             f"{resume.text_len}")
+        self.prompt_logprobs_sent = True
 
     def take_prompt_logprobs(self) -> list[dict[int, float] | None] | None:
         """The request's prompt logprobs for its first delta (None after, and on siblings)."""
@@ -124,35 +143,54 @@ class LLMEngine:
             raise ValueError(f"prompt must be a string or a sequence of integer token ids, got {prompt!r:.100}") from None
 
     def add_request(
-        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, *, remote_prefill: bool = False,
-        stream: bool = True,
+        self, request_id: str, prompt: str | Sequence[int], params: SamplingParams, *,
+        remote_prefill: bool | KVTransfer = False, stream: bool = True, resume: Resume | None = None,
     ) -> list[int]:
         """Validate and queue a request; returns its prompt token ids. Raises ValueError on bad input.
 
         With ``remote_prefill`` the request is admitted with blocks for its whole prompt
-        and waits for a prefill worker to write them (see ``take_remote_prefills``).
+        and waits for a prefill worker to write them (see ``take_remote_prefills``); given
+        as a ``KVTransfer`` (the hop's parameters), it rides on the request, and a request
+        that ends while waiting keeps its blocks until ``settle_kv_transfer``.
         Without ``stream`` only the final delta of each completion is returned and the text
         is decoded once, into the final ``RequestOutput``, unless stop strings need it per token.
+        With ``resume`` (``n`` = 1, streamed, no prompt logprobs) the request continues a
+        completion another worker started (:class:`Resume`): its output starts with the
+        resumed tokens and its deltas carry only what follows them.
         """
         rids = [request_id] if params.n == 1 else [f"{request_id}#{i}" for i in range(params.n)]
         # Completion ids must not collide either (e.g. "x#0" next to an n > 1 request "x").
-        taken = next((r for r in (request_id, *rids) if r in self._groups or r in self._completions), None)
+        taken = next((r for r in (request_id, *rids)
+                      if r in self._groups or r in self._completions or r in self.scheduler.quarantined), None)
         if taken is not None:
             raise ValueError(f"duplicate request_id {taken!r}")
         prompt_ids = self.tokenize(prompt)
         self._validate(prompt_ids, params)
+        if resume is not None:
+            ending = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+            resume.validate(params, stream, self.config.model.vocab_size, ending)
         bs = self.config.cache.block_size
-        reqs = []
-        for i, rid in enumerate(rids):
-            seed = None if params.seed is None else params.seed + i * 1_000_003
-            reqs.append(Request(rid, list(prompt_ids), params, bs, seed=None if seed is None else wrap_seed(seed)))
+        if resume is None:
+            reqs = [Request(rid, list(prompt_ids), params, bs, seed=completion_seed(params.seed, i))
+                    for i, rid in enumerate(rids)]
+        else:
+            reqs = [Request(request_id, list(prompt_ids), params, bs, output_token_ids=list(resume.output_token_ids),
+                            seed=completion_seed(params.seed, resume.completion_index), is_resumed=True)]
         if params.structured_output is not None:
             for req in reqs:  # siblings each follow their own matcher
                 req.constraint = self.grammars.constraint(params.structured_output)
-        reqs[0].remote_prefill = remote_prefill  # siblings fork from it once the KV is in
+        comps = [_Completion(req, i, self.tokenizer, stream, self.eos_token_ids) for i, req in enumerate(reqs)]
+        if resume is not None:
+            try:
+                comps[0].resume(resume)
+            except ValueError:
+                _close_constraint(reqs[0])
+                raise
+        reqs[0].remote_prefill = bool(remote_prefill)  # siblings fork from it once the KV is in
+        reqs[0].kv_transfer = remote_prefill if isinstance(remote_prefill, KVTransfer) else None
         self.scheduler.add_request(reqs[0], reqs[1:])
-        for i, req in enumerate(reqs):
-            self._completions[req.request_id] = _Completion(req, i, self.tokenizer, stream, self.eos_token_ids)
+        for req, comp in zip(reqs, comps):
+            self._completions[req.request_id] = comp
         self._groups[request_id] = rids
         return prompt_ids
 
@@ -214,10 +252,21 @@ class LLMEngine:
     def complete_remote_prefill(
         self, request_id: str, first_token_id: int, logprobs: dict[int, float] | None = None,
         prompt_logprobs: list[dict[int, float] | None] | None = None,
-    ) -> CompletionDelta:
+    ) -> CompletionDelta | None:
         """The prefill worker wrote the prompt's KV and sampled ``first_token_id``: decode on.
-        ``prompt_logprobs`` (``RequestOutput``'s form) are what it computed, if asked."""
+        ``prompt_logprobs`` (``RequestOutput``'s form) are what it computed, if asked.
+
+        A resumed request (``Request.is_resumed``) returns None: its KV covers the prompt and
+        the resumed tokens, but the prefill worker drew its token at output position 0 with
+        the resumed tokens taken for prompt, so that token is dropped and the last known
+        token is computed here; the next one is then sampled at its own position and state.
+        """
         waiting = self.scheduler.awaiting_kv.get(request_id)
+        if waiting is not None and waiting.is_resumed:
+            req = self.scheduler.complete_remote_prefill(request_id)
+            # NOTE: this recomputes one slot the transfer wrote (same token, same context).
+            req.num_computed_tokens -= 1
+            return None
         if waiting is not None and waiting.prompt_logprobs is not None:
             if prompt_logprobs is None or len(prompt_logprobs) != waiting.num_prompt_tokens:
                 raise ValueError(f"request {request_id!r} needs {waiting.num_prompt_tokens} prompt logprobs entries, "
@@ -228,13 +277,21 @@ class LLMEngine:
         # from position 1 exactly as in a single engine, with no state to carry over.
         return self._append(req, first_token_id, logprobs)
 
+    def settle_kv_transfer(self, request_id: str, transfer_id: str) -> bool:
+        """The lease ``transfer_id`` of a remote prefill is settled (no write can land in the
+        blocks any more): frees the blocks of a request that ended while waiting for its KV
+        (True), else lets it free them at once when it ends."""
+        return self.scheduler.settle_remote_prefill(request_id, transfer_id)
+
     def prefill_locally(self, request_id: str) -> None:
         """Compute a remote-prefill request's prompt here after all (its prefill worker
         refused or left). Raises ValueError if it is not waiting for KV."""
         self.scheduler.prefill_locally(request_id)
 
     def abort_request(self, request_id: str, *, error: str | None = None) -> list[CompletionDelta]:
-        """End a request (all its completions) at any point; its blocks are freed now.
+        """End a request (all its completions) at any point; its blocks are freed now (those
+        of a remote prefill still waiting for KV under an unsettled lease once it is settled:
+        ``settle_kv_transfer``).
 
         Returns a final delta for each completion that had not finished, with
         finish_reason "error" when ``error`` is given, else "abort".

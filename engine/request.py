@@ -1,9 +1,11 @@
-"""The state of one request inside the engine (one completion; n > 1 makes siblings)."""
+"""The state of one request inside the engine (one completion; n > 1 makes siblings),
+and what resuming a completion elsewhere needs (:class:`Resume`)."""
 
 from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -13,6 +15,81 @@ from .sampling_params import SamplingParams
 
 if TYPE_CHECKING:
     from .logits_processors import TokenConstraint
+
+
+SIBLING_SEED_STRIDE = 1_000_003
+"""Completion ``i`` of a seeded ``n > 1`` request draws with seed ``seed + i * SIBLING_SEED_STRIDE``."""
+
+
+def completion_seed(seed: int | None, index: int) -> int | None:
+    """The seed completion ``index`` of a request seeded ``seed`` draws with (wrapped to 64
+    bits, as ``rng`` uses it); None stays None (unseeded: the sampler's own stream)."""
+    return None if seed is None else wrap_seed(seed + index * SIBLING_SEED_STRIDE)
+
+
+@dataclass(frozen=True)
+class Resume:
+    """A completion continued on this engine after the worker that produced its first
+    tokens failed (the gateway migrates the stream).
+
+    The request is admitted with ``output_token_ids`` already as its output, so positions,
+    seeded draws (``rng.uniforms(seed, len(output))``), penalties, ``min_tokens``,
+    ``max_tokens``, grammars and the text state (detokenizer window, the stop-string tail
+    held back) all go on as if it had never moved; only what follows is streamed.
+    ``completion_index`` names the completion of the original request, whose seed it
+    keeps (``completion_seed``). ``text_len``, when given, is the number of characters of
+    the completion's text the client has: replaying the tokens must commit exactly that
+    much, or the request is refused (a gap or a duplicate would follow otherwise).
+    """
+
+    output_token_ids: tuple[int, ...] = ()
+    completion_index: int = 0
+    text_len: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.completion_index < 0:
+            raise ValueError(f"resume completion_index must be >= 0, got {self.completion_index!r}")
+        if self.text_len is not None and self.text_len < 0:
+            raise ValueError(f"resume text_len must be >= 0, got {self.text_len!r}")
+
+    def validate(self, p: SamplingParams, stream: bool, vocab_size: int, ending_token_ids: Collection[int]) -> None:
+        """ValueError unless this can continue an unfinished completion of a request with
+        ``p`` (``ending_token_ids``: the tokens that would have ended it: EOS, stop ids)."""
+        if p.n != 1:
+            raise ValueError(f"a resumed completion is a request of its own (n = 1), got n = {p.n}")
+        if not stream or p.prompt_logprobs is not None:
+            raise ValueError("a resumed completion streams its deltas and asks for no prompt logprobs")
+        tokens = self.output_token_ids
+        if len(tokens) >= p.max_tokens:
+            raise ValueError(f"{len(tokens)} resumed tokens leave nothing to generate (max_tokens {p.max_tokens})")
+        bad = next((t for t in tokens if not isinstance(t, int) or not 0 <= t < vocab_size), None)
+        if bad is not None:
+            raise ValueError(f"resumed token id {bad!r} is outside the vocabulary [0, {vocab_size})")
+        bad = next((t for t in tokens if t in ending_token_ids), None)
+        if bad is not None:
+            raise ValueError(f"resumed token {bad} ends the completion: it had finished")
+
+
+@dataclass
+class KVTransfer:
+    """Decode side of a remote prefill (vLLM's ``kv_transfer_params``): where the prompt's
+    KV comes from and the lease it may be written under (``pdserve.kvtransfer.lease``).
+    It travels on the request, so the workers need no table keyed by request ids."""
+
+    source_worker_id: str
+    """The prefill worker asked to compute the prompt."""
+    group_id: str
+    """The request id the client knows (n > 1: its completions are ``{group_id}#i``)."""
+    transfer_id: str | None = None
+    """The lease's id (128 random bits), set when the blocks are offered."""
+    deadline: float | None = None
+    """``time.monotonic()`` after which no write into the blocks is accepted."""
+    num_remote_cached_tokens: int | None = None
+    """Prompt tokens the prefill worker's prefix cache served, once it computed the prompt."""
+    is_settled: bool = False
+    """No write can land in the request's blocks any more (engine thread only; see
+    ``LLMEngine.settle_kv_transfer``). Until then a request that ends while waiting for its
+    KV keeps its blocks in quarantine."""
 
 
 class RequestStatus(enum.Enum):
@@ -58,12 +135,19 @@ class Request:
     block_hashes: list[int] = field(default_factory=list)
     remote_prefill: bool = False
     """Decode side: the prompt's KV comes from a prefill worker instead of being computed here."""
+    kv_transfer: KVTransfer | None = None
+    """Decode side, with ``remote_prefill``: the hop's parameters and lease (None: a bare
+    remote prefill whose blocks are freed at once if it ends while waiting)."""
     hold_blocks: bool = False
     """Prefill side: keep the blocks after finishing until ``release`` (the transfer reads them)."""
     prompt_logprobs: list[dict[int, float] | None] | None = None
     """With ``prompt_logprobs`` asked, on the completion that computes the prompt (never on
     n > 1 siblings): ``[None]`` then one dict per prompt position as chunks compute it (or
     all at once from a prefill worker). Complete once it has ``num_prompt_tokens`` entries."""
+    is_resumed: bool = False
+    """Continued from another worker (:class:`Resume`): admitted with output tokens already.
+    Under remote prefill the prefill worker's KV covers them too, but its sampled token is
+    not used (it drew at output position 0): the last known token is computed here."""
 
     def __post_init__(self) -> None:
         salt = self.sampling_params.cache_salt

@@ -37,7 +37,8 @@ class ScheduledRequest:
 @dataclass(frozen=True)
 class RemotePrefill:
     """A request admitted to wait for its prompt's KV: prompt blocks from ``first_block_index``
-    on must be written into ``block_ids`` (the earlier ones were prefix-cache hits here)."""
+    on must be written into ``block_ids`` (the earlier ones were prefix-cache hits here).
+    Where from, and under which lease, is ``request.kv_transfer``."""
 
     request: Request
     first_block_index: int
@@ -75,6 +76,9 @@ class Scheduler:
         """Prompt tokens found in / looked up in the prefix cache at first admission."""
         self.held: dict[str, Request] = {}
         """Finished prefill-side requests whose blocks stay allocated until released."""
+        self.quarantined: dict[str, Request] = {}
+        """Decode side: requests that ended while waiting for KV whose lease is not settled:
+        a write may still land in their blocks, so no other request may have them yet."""
 
     # -- intake --------------------------------------------------------------------
 
@@ -201,9 +205,10 @@ class Scheduler:
         """The remote prefill will not happen (the prefill worker refused or left): the
         request goes back to the head of the queue and this worker computes its prompt.
 
-        NOTE: it keeps its blocks. Were they freed, a late write from the prefill worker
-        could land in blocks another request owns by then; kept, such a write can only
-        carry this same prompt's KV.
+        NOTE: it keeps its blocks and computes into them, so call it only once no write can
+        land in them any more (the decode worker's lease rules, ``kvtransfer.lease``): a late
+        write could overwrite what is computed here, including decoded tokens' KV in the
+        prompt's last block.
         """
         req = self.awaiting_kv.pop(request_id, None)
         if req is None:
@@ -270,9 +275,10 @@ class Scheduler:
         if req is None:
             return None
         req.status = status
+        was_awaiting_kv = self.awaiting_kv.pop(request_id, None) is not None
         if req in self.running:
             self.running.remove(req)
-        elif self.awaiting_kv.pop(request_id, None) is None:
+        elif not was_awaiting_kv:
             try:
                 self.waiting.remove(req)
             except ValueError:
@@ -281,6 +287,8 @@ class Scheduler:
                     pending[:] = [c for c in pending if c is not req]
         if req.hold_blocks and status in (RequestStatus.FINISHED_STOPPED, RequestStatus.FINISHED_LENGTH):
             self.held[request_id] = req
+        elif was_awaiting_kv and req.kv_transfer is not None and not req.kv_transfer.is_settled:
+            self.quarantined[request_id] = req  # until settle_remote_prefill
         else:
             self.kv.free(req)
         # Siblings still waiting for this request's prompt cannot start without it.
@@ -288,6 +296,20 @@ class Scheduler:
             self.requests.pop(child.request_id, None)
             child.status = RequestStatus.FINISHED_ABORTED
         return req
+
+    def settle_remote_prefill(self, request_id: str, transfer_id: str) -> bool:
+        """The lease ``transfer_id`` of a remote prefill is settled: no write can land in the
+        request's blocks any more. Frees them if the request ended meanwhile (True), else
+        lets a later end free them at once. A request whose lease is another is untouched."""
+        req = self.quarantined.get(request_id)
+        if req is not None and req.kv_transfer.transfer_id == transfer_id:
+            del self.quarantined[request_id]
+            self.kv.free(req)
+            return True
+        req = self.requests.get(request_id)
+        if req is not None and req.kv_transfer is not None and req.kv_transfer.transfer_id == transfer_id:
+            req.kv_transfer.is_settled = True
+        return False
 
     def release(self, request_id: str) -> bool:
         """Free the blocks a finished prefill-side request held; False if it held none."""

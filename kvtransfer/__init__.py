@@ -1,17 +1,19 @@
 """pdserve.kvtransfer: moving KV blocks from prefill ranks to decode ranks.
 
 Scheduler side (pure, no torch needed): ``KVRegionLayout``, ``plan_transfer``,
-``RankPairPlan``. Worker side: ``KVTransferAgent`` (see ``base`` for its
-invariants) with two backends, ``"nixl"`` (NIXL/UCX one-sided WRITE; needs the
-``nixl-cu12`` wheel) and ``"torch_dist"`` (gloo send/recv over per-pair process
-groups; needs only torch). Backends are imported lazily by ``create_agent``.
+``RankPairPlan``; ``lease`` (the decode side's transfer leases and hop-outcome rules).
+Worker side: ``KVTransferAgent`` (see ``base`` for its invariants; ``handles`` for the
+types it returns, ``frames`` for what agents tell each other) with two backends,
+``"nixl"`` (NIXL/UCX one-sided WRITE after a claim; needs the ``nixl-cu12`` wheel) and
+``"torch_dist"`` (gloo send/recv over per-pair process groups; needs only torch).
+Backends are imported lazily by ``create_agent``; ``worker`` binds agents to an engine.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from .base import (KVTransferAgent, Notification, TransferError, TransferHandle,
+from .base import (KVTransferAgent, Notification, Refusal, TransferError, TransferHandle,
                    TransferMetrics, TransferRecord, TransferState, TransferStatus)
 from .layout import (DTYPE_SIZES, KVRegionLayout, RankPairPlan, choose_sources, kv_head_shard,
                      merge_descriptors, plan_transfer)
@@ -19,7 +21,7 @@ from .layout import (DTYPE_SIZES, KVRegionLayout, RankPairPlan, choose_sources, 
 BACKENDS = ("nixl", "torch_dist")
 
 __all__ = [
-    "BACKENDS", "DTYPE_SIZES", "KVRegionLayout", "KVTransferAgent", "Notification",
+    "BACKENDS", "DTYPE_SIZES", "KVRegionLayout", "KVTransferAgent", "Notification", "Refusal",
     "RankPairPlan", "TransferError", "TransferHandle", "TransferMetrics", "TransferRecord",
     "TransferState", "TransferStatus", "available_backends", "choose_sources", "create_agent",
     "kv_head_shard", "merge_descriptors", "plan_transfer",

@@ -22,152 +22,66 @@ Invariants every backend keeps (the conformance test in
 3. ``write`` is asynchronous and returns at once with a ``TransferHandle``;
    ``poll`` never blocks. A handle ends in exactly one terminal state, DONE or
    FAILED (with a message), and stays there. DONE on the writer means every
-   byte is in the peer's region and the peer was notified.
+   byte is in the peer's region and the peer accepted the transfer.
+   ``handle.is_started`` says whether bytes may have reached the peer's region
+   (False for a write the receiver refused before any byte moved).
 4. Every transfer has a deadline (``timeout_s``, default ``default_timeout_s``).
    A transfer not DONE by its deadline becomes FAILED the next time it is polled
    (or at ``progress()``) and its backend resources are released then (NIXL
    cancels the request; torch_dist starts no step after the deadline). After a
    FAILED transfer the destination bytes are undefined. Give the receiver's
-   ``expect`` a longer timeout than the writer's ``write``: a two-sided backend
-   then refuses data for an expectation that already failed, and a one-sided one
-   has cancelled its write before the receiver gives up and reuses the blocks.
+   ``expect`` a longer timeout than the writer's ``write`` (the decode worker's
+   lease does, ``kvtransfer.lease``), so a compliant writer has given up before
+   the receiver does.
 5. The source bytes must not change until the write is DONE or FAILED; the
    destination blocks must not be read before the expectation is DONE.
-6. ``expect`` is the receiver's side: it tracks completion (and a deadline) of a
-   transfer that a peer writes; it is bookkeeping only for one-sided backends and
-   may be called before or after the data arrives. Every successful incoming
-   transfer also yields its ``notify`` bytes once in ``take_notifications()``.
+6. ``expect`` comes first: it is the receiver's share of a lease on this rank.
+   An incoming transfer is *admitted* only for a live expectation from that peer
+   with that transfer id, byte count and destination coverage
+   (``frames.coverage_digest``), and only once. Anything else (unknown id,
+   expired or cancelled expectation, other destination bytes, a second claim or
+   completion) is *refused*: counted in ``metrics.refused``, listed by
+   ``take_refusals()``, never notified, never completes an expectation. A
+   two-sided receiver (``RECEIVER_CONTROLS_WRITES``, torch_dist) checks before it
+   copies, so refused bytes never reach its region. A one-sided WRITE (NIXL)
+   lands before the target hears of it, so the writer asks first (CLAIM, then
+   GRANT or REFUSE) and posts nothing when refused; a writer that skips the
+   claim is refused at completion, but its bytes may already be in the region.
+   Every admitted transfer that completes yields its ``notify`` bytes once in
+   ``take_notifications()``.
 7. ``remove_peer`` fails that peer's pending transfers; ``close()`` fails all
    pending transfers, releases everything and is idempotent.
 8. An agent is used from one thread at a time (calls are serialized by a lock;
    backends may run their own helper threads).
+9. ``cancel`` on an expectation revokes it: later arrivals for it are refused,
+   and its handle's ``is_started`` tells whether a writer was ever admitted
+   (bytes may have landed). On a two-sided backend no byte of the transfer lands
+   after ``cancel`` returns; on a one-sided one an admitted writer may still be
+   writing until its own deadline.
 """
 
 from __future__ import annotations
 
-import enum
 import json
 import struct
 import threading
 import time
 from abc import ABC, abstractmethod
 from collections import OrderedDict, deque
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, NamedTuple
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import numpy as np
 
+from .frames import Frame, FrameKind, coverage_digest
+# Re-exported: backends and callers import the transfer types from here.
+from .handles import (DONE, PENDING, Notification, Refusal, TransferError, TransferHandle,  # noqa: F401
+                      TransferMetrics, TransferRecord, TransferState, TransferStatus, failed)
 from .layout import KVRegionLayout, dtype_name
-
-
-class TransferState(enum.Enum):
-    PENDING = "pending"
-    DONE = "done"
-    FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class TransferStatus:
-    state: TransferState
-    message: str = ""
-
-    @property
-    def done(self) -> bool:
-        return self.state is TransferState.DONE
-
-    @property
-    def failed(self) -> bool:
-        return self.state is TransferState.FAILED
-
-    @property
-    def finished(self) -> bool:
-        return self.state is not TransferState.PENDING
-
-
-PENDING = TransferStatus(TransferState.PENDING)
-DONE = TransferStatus(TransferState.DONE)
-
-
-def failed(message: str) -> TransferStatus:
-    return TransferStatus(TransferState.FAILED, message)
-
-
-class TransferError(RuntimeError):
-    """A transfer could not be started (bad arguments, unknown peer, closed agent)."""
-
-
-@dataclass(eq=False)
-class TransferHandle:
-    """One transfer as seen by one side. Opaque to callers except for its fields."""
-
-    transfer_id: str
-    peer: str
-    direction: str  # "write" (this side sends) or "expect" (this side receives)
-    num_bytes: int
-    num_descriptors: int
-    started: float  # time.monotonic()
-    deadline: float  # time.monotonic()
-    status: TransferStatus = PENDING
-    finished_at: float | None = None
-
-    @property
-    def latency_s(self) -> float | None:
-        return None if self.finished_at is None else self.finished_at - self.started
-
-
-class Notification(NamedTuple):
-    peer: str
-    message: bytes
-
-
-@dataclass(frozen=True)
-class TransferRecord:
-    transfer_id: str
-    peer: str
-    direction: str
-    num_bytes: int
-    num_descriptors: int
-    latency_s: float
-    state: TransferState
-    message: str
-
-
-@dataclass
-class TransferMetrics:
-    """Per-agent counters plus the last ``records.maxlen`` finished transfers."""
-
-    writes_done: int = 0
-    writes_failed: int = 0
-    expects_done: int = 0
-    expects_failed: int = 0
-    bytes_written: int = 0
-    bytes_received: int = 0
-    descriptors_written: int = 0
-    records: deque = field(default_factory=lambda: deque(maxlen=1024))
-
-    def observe(self, h: TransferHandle) -> None:
-        ok = h.status.done
-        if h.direction == "write":
-            if ok:
-                self.writes_done += 1
-                self.bytes_written += h.num_bytes
-                self.descriptors_written += h.num_descriptors
-            else:
-                self.writes_failed += 1
-        else:
-            if ok:
-                self.expects_done += 1
-                self.bytes_received += h.num_bytes
-            else:
-                self.expects_failed += 1
-        self.records.append(TransferRecord(h.transfer_id, h.peer, h.direction, h.num_bytes,
-                                           h.num_descriptors, h.latency_s or 0.0, h.status.state,
-                                           h.status.message))
 
 
 # ---- wire formats (plain bytes, no pickle) ------------------------------------------
 _MD_MAGIC = b"PDKVMD1\0"
-_NOTIF_MAGIC = b"PDKVN1"
 
 
 def pack_metadata(header: dict[str, Any], blob: bytes = b"") -> bytes:
@@ -184,21 +98,6 @@ def unpack_metadata(data: bytes) -> tuple[dict[str, Any], bytes]:
     if start + n > len(data):
         raise ValueError("truncated KV transfer metadata")
     return json.loads(data[start:start + n]), data[start + n:]
-
-
-def pack_notif(transfer_id: str, num_bytes: int, message: bytes) -> bytes:
-    tid = transfer_id.encode()
-    return _NOTIF_MAGIC + struct.pack("<HQ", len(tid), num_bytes) + tid + bytes(message)
-
-
-def unpack_notif(data: bytes) -> tuple[str, int, bytes] | None:
-    """(transfer_id, num_bytes, message), or None for a message not in our format."""
-    data = bytes(data)
-    if not data.startswith(_NOTIF_MAGIC) or len(data) < len(_NOTIF_MAGIC) + 10:
-        return None
-    n, nbytes = struct.unpack_from("<HQ", data, len(_NOTIF_MAGIC))
-    start = len(_NOTIF_MAGIC) + 10
-    return data[start:start + n].decode(), nbytes, data[start + n:]
 
 
 def as_descs(descs: Any) -> np.ndarray:
@@ -231,11 +130,20 @@ class PeerInfo:
     header: dict[str, Any]
 
 
+@dataclass(eq=False)
+class _Expectation:
+    handle: TransferHandle
+    digest: int  # coverage digest of the expected destination bytes
+
+
 class KVTransferAgent(ABC):
     """Worker side: one per TP rank, owning that rank's KV region. See module doc."""
 
     backend: ClassVar[str] = "abstract"
-    #: how long arrivals with no ``expect`` yet, and failed transfer ids, are remembered
+    #: the receiver copies incoming bytes itself, so a refused transfer never touches its
+    #: region and a cancelled expectation receives nothing more (invariants 6, 9)
+    RECEIVER_CONTROLS_WRITES: ClassVar[bool] = False
+    #: how long ended expectations are remembered (to name why a late arrival is refused)
     REMEMBER_S: ClassVar[float] = 600.0
     REMEMBER_MAX: ClassVar[int] = 65536
 
@@ -259,10 +167,11 @@ class KVTransferAgent(ABC):
         self._closed = False
         self._peers: dict[str, PeerInfo] = {}
         self._writes: dict[tuple[str, str], TransferHandle] = {}  # (peer, tid) -> pending
-        self._expects: dict[tuple[str, str], tuple[TransferHandle, int]] = {}
-        self._arrived: OrderedDict[tuple[str, str], tuple[float, int, str]] = OrderedDict()
-        self._expired: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._expects: dict[tuple[str, str], _Expectation] = {}  # (peer, tid) -> live
+        self._ended: OrderedDict[tuple[str, str], tuple[float, str]] = OrderedDict()
+        """(peer, tid) of expectations that ended -> (when, how): "completed", "expired"..."""
         self._notifications: list[Notification] = []
+        self._refusals: deque[Refusal] = deque(maxlen=1024)
 
     # ---- metadata and peers -------------------------------------------------------
     @property
@@ -301,9 +210,9 @@ class KVTransferAgent(ABC):
             for key, h in list(self._writes.items()):
                 if key[0] == name:
                     self._fail_write(h, f"peer {name} removed")
-            for key, (h, _) in list(self._expects.items()):
+            for key, exp in list(self._expects.items()):
                 if key[0] == name:
-                    self._finish(h, failed(f"peer {name} removed"))
+                    self._end_expect(exp.handle, failed(f"peer {name} removed"), "failed")
             if self._peers.pop(name, None) is not None:
                 self._remove_peer_backend(name)
 
@@ -334,7 +243,8 @@ class KVTransferAgent(ABC):
             h = self._new_handle(transfer_id, peer, "write", arr, timeout_s)
             self._writes[(peer, transfer_id)] = h
             try:
-                self._start_write(h, arr, pack_notif(transfer_id, h.num_bytes, notify))
+                self._start_write(h, arr, Frame(FrameKind.DONE, transfer_id, h.num_bytes,
+                                                coverage_digest(arr), bytes(notify)))
             except Exception as e:  # transport refused at once: a failed transfer
                 self._fail_write(h, f"{type(e).__name__}: {e}")
             return h
@@ -342,7 +252,9 @@ class KVTransferAgent(ABC):
     # ---- receiver -----------------------------------------------------------------
     def expect(self, transfer_id: str, peer: str, descs: Any,
                timeout_s: float | None = None) -> TransferHandle:
-        """Track an incoming transfer from ``peer`` into this region (see invariant 6)."""
+        """Admit one incoming transfer from ``peer`` into exactly these destination bytes,
+        until the deadline (invariant 6). Call it before the writer starts: nothing that
+        arrives without a live expectation is admitted."""
         arr = as_descs(descs)
         with self._lock:
             self._check_open()
@@ -354,13 +266,17 @@ class KVTransferAgent(ABC):
             if info is not None:
                 check_bounds(arr[:, 0], arr[:, 2], info.region_bytes, f"peer {peer!r}")
             h = self._new_handle(transfer_id, peer, "expect", arr, timeout_s)
-            self._expired.pop(key, None)
-            arrived = self._arrived.pop(key, None)
-            if arrived is not None:
-                self._complete_expect(h, arrived[1], arrived[2])
-            else:
-                self._expects[key] = (h, h.num_bytes)
+            self._ended.pop(key, None)
+            self._expects[key] = _Expectation(h, coverage_digest(arr))
             return h
+
+    def take_refusals(self) -> list[Refusal]:
+        """Incoming transfers refused since the last call (at most the last 1024)."""
+        with self._lock:
+            self.progress()
+            out = list(self._refusals)
+            self._refusals.clear()
+            return out
 
     def take_notifications(self) -> list[Notification]:
         """Notifications of successful incoming writes since the last call."""
@@ -402,9 +318,7 @@ class KVTransferAgent(ABC):
             if handle.direction == "write":
                 self._fail_write(handle, message)
             else:
-                self._expects.pop((handle.peer, handle.transfer_id), None)
-                self._remember_expired((handle.peer, handle.transfer_id))
-                self._finish(handle, failed(message))
+                self._end_expect(handle, failed(message), "cancelled")
 
     def progress(self) -> None:
         """Drain incoming completions and fail whatever is past its deadline."""
@@ -415,15 +329,13 @@ class KVTransferAgent(ABC):
             now = time.monotonic()
             for h in [h for h in self._writes.values() if now > h.deadline]:
                 self._fail_write(h, f"timed out after {h.deadline - h.started:.3g}s")
-            for key, (h, _) in list(self._expects.items()):
-                if now > h.deadline:
-                    del self._expects[key]
-                    self._remember_expired(key)
-                    self._finish(h, failed(f"timed out after {h.deadline - h.started:.3g}s"))
+            for exp in [e for e in self._expects.values() if now > e.handle.deadline]:
+                h = exp.handle
+                self._end_expect(h, failed(f"timed out after {h.deadline - h.started:.3g}s"), "expired")
             cutoff = now - self.REMEMBER_S
-            for od, stamp in ((self._arrived, lambda v: v[0]), (self._expired, lambda v: v)):
-                while od and (len(od) > self.REMEMBER_MAX or stamp(next(iter(od.values()))) < cutoff):
-                    od.popitem(last=False)
+            while self._ended and (len(self._ended) > self.REMEMBER_MAX
+                                   or next(iter(self._ended.values()))[0] < cutoff):
+                self._ended.popitem(last=False)
 
     def num_pending(self) -> int:
         """Transfers still holding resources (writes and expectations)."""
@@ -436,9 +348,8 @@ class KVTransferAgent(ABC):
                 return
             for h in list(self._writes.values()):
                 self._fail_write(h, "agent closed")
-            for key, (h, _) in list(self._expects.items()):
-                self._finish(h, failed("agent closed"))
-            self._expects.clear()
+            for exp in list(self._expects.values()):
+                self._end_expect(exp.handle, failed("agent closed"), "closed")
             for name in list(self._peers):
                 self._peers.pop(name)
                 try:
@@ -482,40 +393,62 @@ class KVTransferAgent(ABC):
         finally:
             self._finish(h, failed(message))
 
-    def _remember_expired(self, key: tuple[str, str]) -> None:
-        self._expired[key] = time.monotonic()
-        self._expired.move_to_end(key)
+    def _end_expect(self, h: TransferHandle, status: TransferStatus, how: str) -> None:
+        key = (h.peer, h.transfer_id)
+        if self._expects.get(key) is not None and self._expects[key].handle is h:
+            del self._expects[key]
+        self._ended[key] = (time.monotonic(), how)
+        self._ended.move_to_end(key)
+        self._finish(h, status)
 
-    def _incoming_allowed(self, peer: str, tid: str) -> bool:
-        """False when the receiver already gave up on this transfer (do not write it)."""
-        with self._lock:
-            return not self._closed and (peer, tid) not in self._expired
+    def _refuse(self, peer: str, tid: str, reason: str) -> str:
+        self.metrics.refused += 1
+        self._refusals.append(Refusal(peer, tid, reason))
+        return reason
 
-    def _complete_expect(self, h: TransferHandle, nbytes: int, error: str) -> None:
-        if error:
-            self._finish(h, failed(error))
-        elif nbytes != h.num_bytes:
-            self._finish(h, failed(f"received {nbytes} bytes, expected {h.num_bytes}"))
-        else:
-            self._finish(h, DONE)
+    def _admit(self, peer: str, tid: str, nbytes: int, digest: int) -> str:
+        """Admit a writer for a live expectation (call with the lock held): "" when
+        admitted (the expectation is then started), else the refusal reason (counted).
 
-    def _on_incoming(self, peer: str, tid: str, nbytes: int, message: bytes,
-                     error: str = "") -> None:
-        """A peer's write arrived (or failed on arrival): settle its expectation and notify."""
-        with self._lock:
-            if self._closed:
-                return
-            key = (peer, tid)
-            if key in self._expired:
-                return  # already failed here; the data was not wanted
-            entry = self._expects.pop(key, None)
-            if entry is not None:
-                self._complete_expect(entry[0], nbytes, error)
-            else:
-                self._arrived[key] = (time.monotonic(), nbytes, error)
-                self._arrived.move_to_end(key)
-            if not error:
-                self._notifications.append(Notification(peer, message))
+        A claim for the right id but other destination bytes fails the expectation: its
+        writer does not write what was offered. Nothing was admitted, so nothing landed."""
+        key = (peer, tid)
+        exp = self._expects.get(key)
+        if exp is None:
+            ended = self._ended.get(key)
+            return self._refuse(peer, tid, f"transfer {ended[1]}" if ended else "no such transfer expected")
+        h = exp.handle
+        if h.is_started:
+            return self._refuse(peer, tid, "transfer already admitted")
+        if time.monotonic() > h.deadline:
+            self._end_expect(h, failed("timed out"), "expired")
+            return self._refuse(peer, tid, "transfer expired")
+        if nbytes != h.num_bytes or digest != exp.digest:
+            why = f"destination differs from the expected one ({nbytes} bytes, expected {h.num_bytes})"
+            self._end_expect(h, failed(f"refused a writer: {why}"), "failed")
+            return self._refuse(peer, tid, why)
+        h.is_started = True
+        return ""
+
+    def _complete_incoming(self, peer: str, tid: str, nbytes: int, digest: int, message: bytes) -> str:
+        """A writer's completion arrived (call with the lock held): complete its admitted
+        expectation and notify; "" when accepted, else the refusal reason (counted).
+
+        A completion for a live expectation that was never admitted, or for other bytes,
+        fails it as started: that writer skipped the claim, so its bytes may be anywhere
+        in the expected blocks."""
+        exp = self._expects.get((peer, tid))
+        if exp is not None and (not exp.handle.is_started or nbytes != exp.handle.num_bytes
+                                or digest != exp.digest):
+            exp.handle.is_started = True
+            self._end_expect(exp.handle, failed("a write arrived that was not admitted"), "failed")
+            return self._refuse(peer, tid, "completion of a write that was not admitted")
+        if exp is None:
+            ended = self._ended.get((peer, tid))
+            return self._refuse(peer, tid, f"transfer {ended[1]}" if ended else "no such transfer expected")
+        self._end_expect(exp.handle, DONE, "completed")
+        self._notifications.append(Notification(peer, message))
+        return ""
 
     # ---- backend hooks ------------------------------------------------------------
     def _metadata_fields(self) -> dict[str, Any]:
@@ -531,8 +464,10 @@ class KVTransferAgent(ABC):
     def _remove_peer_backend(self, name: str) -> None: ...
 
     @abstractmethod
-    def _start_write(self, h: TransferHandle, descs: np.ndarray, frame: bytes) -> None:
-        """Start the transfer; raise to fail it at once. ``frame`` is the notification."""
+    def _start_write(self, h: TransferHandle, descs: np.ndarray, done: Frame) -> None:
+        """Start the transfer; raise to fail it at once. ``done`` is its completion frame
+        (transfer id, bytes, coverage digest, notify bytes). Set ``h.is_started`` once
+        bytes may move."""
 
     @abstractmethod
     def _poll_write(self, h: TransferHandle) -> TransferStatus | None:
@@ -543,7 +478,8 @@ class KVTransferAgent(ABC):
         """Free (and cancel, if in flight) a write's resources. Must not raise."""
 
     def _progress_backend(self) -> None:
-        """Deliver incoming completions via ``_on_incoming`` (e.g. drain notifications)."""
+        """Settle incoming transfers via ``_admit`` / ``_complete_incoming`` (e.g. drain
+        notifications)."""
 
     def _backend_pending(self) -> int:
         """Backend resources still held for transfers no longer tracked (e.g. stuck I/O)."""

@@ -49,6 +49,11 @@ def _child(conn: Any) -> None:
     def expect(name, tid, peer, descs, timeout_s=None):
         handles[(name, tid, "expect")] = agents[name].expect(tid, peer, descs, timeout_s)
 
+    def expect_many(name, peer, descs, tids, timeout_s=None):
+        """Expect several transfers of the same descriptors (benchmarks: one per write)."""
+        for tid in tids:
+            agents[name].expect(tid, peer, descs, timeout_s)
+
     def wait(name, keys):
         out = []
         for tid, direction in keys:
@@ -64,6 +69,15 @@ def _child(conn: Any) -> None:
     def notifications(name):
         return [(n.peer, n.message) for n in agents[name].take_notifications()]
 
+    def refusals(name):
+        return [tuple(r) for r in agents[name].take_refusals()]
+
+    def cancel(name, tid, direction):
+        """Cancel (revoke) a transfer; returns whether it had started (bytes may have moved)."""
+        h = handles.pop((name, tid, direction))
+        agents[name].cancel(h)
+        return h.is_started
+
     def pending(name, settle_s=0.0):
         end = time.monotonic() + settle_s
         while True:  # backends may need a moment to let go of a dead connection
@@ -77,18 +91,19 @@ def _child(conn: Any) -> None:
         m = agents[name].metrics
         return {k: getattr(m, k) for k in ("writes_done", "writes_failed", "expects_done",
                                            "expects_failed", "bytes_written", "bytes_received",
-                                           "descriptors_written")}
+                                           "descriptors_written", "refused")}
 
     def close(name):
         agents.pop(name).close()
 
-    def bench_write(name, peer, descs, iters, interval_s=5e-5):
-        """Sequential writes, each waited for; returns per-transfer seconds."""
+    def bench_write(name, peer, descs, iters, interval_s=5e-5, tids=None):
+        """Sequential writes, each waited for; returns per-transfer seconds. The receiver
+        must expect each one first (``tids``: the transfer ids it expects, in order)."""
         a = agents[name]
         times = []
         for i in range(iters):
             t0 = time.perf_counter()
-            h = a.write(f"bench-{time.monotonic_ns()}-{i}", peer, descs, b"")
+            h = a.write(tids[i] if tids else f"bench-{i}", peer, descs, b"")
             st = a.wait(h, interval_s=interval_s)
             times.append(time.perf_counter() - t0)
             if not st.done:
@@ -145,8 +160,9 @@ def _child(conn: Any) -> None:
             times.append(time.perf_counter() - t0)
         return times
 
-    cmds = {f.__name__: f for f in (create, write, expect, wait, region, notifications, pending,
-                                    metrics, close, bench_write, drain, memcpy, memcpy1, descs_memcpy)}
+    cmds = {f.__name__: f for f in (create, write, expect, expect_many, wait, region, notifications, refusals, cancel,
+                                    pending, metrics, close, bench_write, drain, memcpy, memcpy1,
+                                    descs_memcpy)}
     cmds["add_peer"] = lambda name, peer, md: agents[name].add_peer(peer, md)
     cmds["pid"] = os.getpid
     while True:

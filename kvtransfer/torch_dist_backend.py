@@ -15,15 +15,24 @@ puts a header under ``pdkv/c<id>/h/<seq>`` (transfer id, notify bytes, byte coun
 destination ``(offset, length)`` list), gathers the source bytes into a staging
 buffer (or sends a single descriptor straight from the region) and ``send``s
 them; the receiver, blocked in ``store.wait`` on that key, ``recv``s into a
-staging buffer, scatters into its region under the agent lock (only if it has
-not given up on that transfer id) and acknowledges under ``pdkv/c<id>/a/<seq>``.
-The writer's transfer is DONE when the acknowledgement arrives, so DONE means
-the bytes are in the peer's region, as with NIXL.
+staging buffer and then, under the agent lock, admits the transfer (a live
+expectation from that peer with that id and exactly those destination bytes,
+base invariant 6), scatters it into its region and completes the expectation,
+or refuses it and copies nothing; it acknowledges under ``pdkv/c<id>/a/<seq>``
+(empty, or the refusal). The writer's transfer is DONE when an empty
+acknowledgement arrives, so DONE means the bytes are in the peer's region and
+admitted. The receiver decides what lands, so a cancelled expectation receives
+nothing more (``RECEIVER_CONTROLS_WRITES``).
 
 Every blocking step of the writer is bounded by the transfer's deadline; a
 failure or a timeout drops the connection (the next write opens a new one).
 The receiver's ``recv`` is bounded by ``io_timeout_s``. CUDA regions are staged
 through host memory (gloo moves CPU tensors); NCCL is not used.
+
+Listening: the agent's ``TCPStore`` and gloo's pair sockets bind ``host`` (the worker's
+advertised address, ``$PDSERVE_KV_HOST``, default 127.0.0.1), not every interface:
+torch's own TCPStore server would bind all of them, so the agent binds the socket itself
+and hands it over (``master_listen_fd``). Neither is authenticated (docs/security.md).
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import socket
 import struct
 import threading
 import time
@@ -42,12 +52,14 @@ import torch
 import torch.distributed as dist
 
 from .base import (DONE, KVTransferAgent, PeerInfo, TransferHandle, TransferStatus,
-                   check_bounds, failed, unpack_notif)
+                   check_bounds, failed)
+from .frames import Frame, coverage_digest
 from .layout import KVRegionLayout
 
 log = logging.getLogger(__name__)
 
 _STOP = b"\x00STOP"
+_REFUSED = b"refused: "
 _HDR = struct.Struct("<4sHIQI")  # magic, tid length, message length, bytes, descriptors
 _HDR_MAGIC = b"PDKH"
 _FOREVER = timedelta(days=30)
@@ -62,6 +74,20 @@ def _make_pg(store: Any, rank: int, host: str, timeout_s: float) -> Any:
     opts._timeout = _td(timeout_s)
     opts._devices = [dist.ProcessGroupGloo.create_device(hostname=host)]
     return dist.ProcessGroupGloo(store, rank, 2, opts)
+
+
+def _listen(host: str) -> socket.socket:
+    """A listening TCP socket on ``host`` (any free port), for the agent's TCPStore."""
+    family, kind, proto, _, addr = socket.getaddrinfo(host, 0, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(addr)
+        sock.listen(128)
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def _encode_header(tid: str, nbytes: int, message: bytes, descs: np.ndarray) -> bytes:
@@ -109,7 +135,7 @@ def _staging(buf: torch.Tensor | None, nbytes: int) -> torch.Tensor:
 
 
 class _Job:
-    __slots__ = ("handle", "descs", "header", "result", "cancelled")
+    __slots__ = ("handle", "descs", "header", "result", "cancelled", "is_sent", "is_refused")
 
     def __init__(self, handle: TransferHandle, descs: np.ndarray, header: bytes) -> None:
         self.handle = handle
@@ -117,6 +143,8 @@ class _Job:
         self.header = header
         self.result: TransferStatus | None = None
         self.cancelled = False
+        self.is_sent = False  # the header is out: the receiver may admit and copy it
+        self.is_refused = False  # the receiver refused it: nothing was copied
 
 
 class _OutConn:
@@ -178,6 +206,7 @@ class _OutConn:
                     pg = _make_pg(dist.PrefixStore(f"pdkv/pg/{cid}", cli), 0, self.agent.host, left())
                 payload = self._gather(job.descs)
                 left()
+                job.is_sent = True
                 cli.set(f"pdkv/c{cid}/h/{seq}", job.header)
                 # the header is out: finish the exchange unless the deadline passes
                 if payload.numel():
@@ -187,7 +216,8 @@ class _OutConn:
                 ack = cli.get(ack_key)
                 cli.delete_key(ack_key)
                 seq += 1
-                job.result = DONE if not ack else failed(f"receiver: {ack.decode(errors='replace')}")
+                job.is_refused = ack.startswith(_REFUSED)
+                job.result = DONE if not ack else failed(f"receiver {self.peer}: {ack.decode(errors='replace')}")
                 self.current = None
         except Exception as e:  # connection unusable from here on
             self.broken = True
@@ -247,10 +277,8 @@ class _InConn:
                 buf = self._buf[:nbytes]
                 if nbytes:
                     pg.recv([buf], 0, 0).wait(_td(a.io_timeout_s))
-                if not err:
-                    err = a._scatter(self.peer, tid, dd, buf)
-                cli.set(f"pdkv/c{self.cid}/a/{self.seq}", err.encode())
-                a._on_incoming(self.peer, tid, nbytes, message, err)
+                ack = a._land(self.peer, tid, nbytes, dd, buf, message, err)
+                cli.set(f"pdkv/c{self.cid}/a/{self.seq}", ack)
                 self.seq += 1
         except Exception as e:  # the writer died or the agent is closing
             if not a._stopping:
@@ -260,6 +288,7 @@ class _InConn:
 
 class TorchDistAgent(KVTransferAgent):
     backend = "torch_dist"
+    RECEIVER_CONTROLS_WRITES = True
 
     def __init__(self, name: str, region: Any, layout: KVRegionLayout, *, host: str | None = None,
                  default_timeout_s: float = 30.0, io_timeout_s: float = 30.0) -> None:
@@ -269,8 +298,10 @@ class TorchDistAgent(KVTransferAgent):
         self.host = host or os.environ.get("PDSERVE_KV_HOST", "127.0.0.1")
         self.io_timeout_s = float(io_timeout_s)
         self._flat = region.view(-1).view(torch.uint8)
-        self._store = dist.TCPStore(self.host, 0, is_master=True, wait_for_workers=False,
-                                    timeout=_td(self.io_timeout_s))
+        listener = _listen(self.host)
+        port = listener.getsockname()[1]
+        self._store = dist.TCPStore(self.host, port, is_master=True, wait_for_workers=False,
+                                    timeout=_td(self.io_timeout_s), master_listen_fd=listener.detach())
         self.port = int(self._store.port)
         self._stopping = False
         self._out: dict[str, _OutConn] = {}
@@ -294,8 +325,7 @@ class TorchDistAgent(KVTransferAgent):
             self._old_out.append(conn)
 
     # ---- writes -------------------------------------------------------------------
-    def _start_write(self, h: TransferHandle, descs: np.ndarray, frame: bytes) -> None:
-        tid, nbytes, message = unpack_notif(frame)
+    def _start_write(self, h: TransferHandle, descs: np.ndarray, done: Frame) -> None:
         conn = self._out.get(h.peer)
         if conn is None or conn.broken or not conn.thread.is_alive():
             if conn is not None:
@@ -303,13 +333,17 @@ class TorchDistAgent(KVTransferAgent):
                 self._old_out.append(conn)
             info = self._peers[h.peer].header
             conn = self._out[h.peer] = _OutConn(self, h.peer, str(info["host"]), int(info["port"]))
-        job = _Job(h, descs, _encode_header(tid, nbytes, message, descs))
+        job = _Job(h, descs, _encode_header(done.transfer_id, done.num_bytes, done.message, descs))
         self._jobs[h] = (job, conn)
         conn.submit(job)
 
     def _poll_write(self, h: TransferHandle) -> TransferStatus | None:
         entry = self._jobs.get(h)
-        return failed("unknown transfer") if entry is None else entry[0].result
+        if entry is None:
+            return failed("unknown transfer")
+        job = entry[0]
+        h.is_started = job.is_sent and not job.is_refused
+        return job.result
 
     def _release_write(self, h: TransferHandle) -> None:
         entry = self._jobs.pop(h, None)
@@ -352,16 +386,29 @@ class TorchDistAgent(KVTransferAgent):
             if not self._stopping:
                 log.warning("KV accept loop of %s stopped: %s: %s", self.name, type(e).__name__, e)
 
-    def _scatter(self, peer: str, tid: str, dd: np.ndarray, buf: torch.Tensor) -> str:
+    def _land(self, peer: str, tid: str, nbytes: int, dd: np.ndarray, buf: torch.Tensor, message: bytes,
+              error: str) -> bytes:
+        """Admit, copy and complete an incoming transfer in one hold of the lock (so a
+        ``cancel`` either precedes it and nothing lands, or follows a completed one).
+        Returns the acknowledgement: empty, or why it was refused."""
         with self._lock:
-            if not self._incoming_allowed(peer, tid):
-                return "the receiver gave up on this transfer"
+            if self._closed:
+                return _REFUSED + b"agent closed"
+            if error:
+                return _REFUSED + self._refuse(peer, tid, error).encode()
+            descs = np.zeros((len(dd), 3), dtype=np.int64)
+            descs[:, 1:] = dd
+            digest = coverage_digest(descs)
+            why = self._admit(peer, tid, nbytes, digest)
+            if why:
+                return _REFUSED + why.encode()
             pos = 0
             dst, src = _bytes_view(self._flat), _bytes_view(buf)
             for off, n in dd.tolist():
                 _copy(dst[off:off + n], src[pos:pos + n])
                 pos += n
-        return ""
+            self._complete_incoming(peer, tid, nbytes, digest, message)
+        return b""
 
     def _close_backend(self) -> None:
         self._stopping = True

@@ -8,11 +8,15 @@ out); every rank plans its own share of a transfer with the pure planner, so onl
 block ids and peer layouts travel.
 
 ``EngineTransport`` is what the prefill and decode services use: asynchronous
-``send`` / ``expect`` / ``wait`` / ``cancel``. With TP = 1 its calls run on a thread
-of the transport's own, beside the engine loop; with TP > 1 on the engine thread
-between steps (``AsyncEngine.call``), since they broadcast on the ranks' group (see
-``EngineTransport.attach``). They never block on the network: a write or an
+``send`` / ``expect`` / ``wait`` / ``revoke`` / ``cancel``. With TP = 1 its calls run on
+a thread of the transport's own, beside the engine loop; with TP > 1 on the engine
+thread between steps (``AsyncEngine.call``), since they broadcast on the ranks' group
+(see ``EngineTransport.attach``). They never block on the network: a write or an
 expectation is posted, then polled until DONE, FAILED or its deadline.
+
+Every rank's agent admits only what its rank expects (``base``, invariant 6); the
+refusals of all ranks reach the service through ``on_refusals`` (from polls, and from
+``collect_refusals``).
 """
 
 from __future__ import annotations
@@ -21,21 +25,29 @@ import asyncio
 import base64
 import json
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, Callable
 
 from pdserve.proto import pdserve_pb2 as pb
 
-from . import create_agent
+from . import _backend_class, create_agent
 from .base import TransferHandle, pack_metadata, unpack_metadata
 from .layout import KVRegionLayout, plan_transfer
 
 EXTENSION = "pdserve.kvtransfer.worker:rank_extension"
 BACKEND_ENUM = {"nixl": pb.NIXL, "torch_dist": pb.TORCH_DIST}
 _POLL_INITIAL_S, _POLL_MAX_S = 0.0005, 0.01
-# NOTE: a receiver must wait longer than its writer (kvtransfer.base, invariant 4), so a
-# write cancelled at its deadline can never land in blocks the receiver gave up on.
-EXPECT_MARGIN_S = 5.0
+_WRITE_SLACK_S = 1.0  # a writer's agents fail its write at the deadline; poll a little past it
+
+
+class TransferFailed(RuntimeError):
+    """A transfer ended FAILED on some rank. ``is_started``: bytes may have reached the
+    receiver's region on some rank (False: the receiver refused before any byte moved)."""
+
+    def __init__(self, message: str, is_started: bool) -> None:
+        super().__init__(message)
+        self.is_started = is_started
 
 
 def agent_name(worker_id: str, rank: int) -> str:
@@ -63,6 +75,9 @@ class KVRankExtension:
         )
         self.agent = create_agent(cfg["backend"], agent_name(cfg["worker_id"], tp.rank), runner.kv_cache, self.layout)
         self.handles: dict[str, list[TransferHandle]] = {}
+        self.ended: OrderedDict[str, bool] = OrderedDict()
+        """Transfer ids no longer tracked -> whether bytes may have moved (``is_started``):
+        a revocation after a failure or a cancel still learns it."""
 
     def handle(self, payload: bytes) -> bytes:
         header, _ = unpack_metadata(payload)
@@ -76,11 +91,18 @@ class KVRankExtension:
         if op in ("write", "expect"):
             return json.dumps(self._start(op, header)).encode()
         if op == "poll":
-            return json.dumps({tid: self._poll(tid) for tid in header["tids"]}).encode()
+            states = {tid: self._poll(tid) for tid in header["tids"]}
+            return json.dumps({"states": states, "refusals": self.agent.take_refusals()}).encode()
+        if op == "refusals":
+            return json.dumps({"refusals": self.agent.take_refusals()}).encode()
         if op == "cancel":
-            for h in self.handles.pop(header["tid"], ()):
+            tid = header["tid"]
+            handles = self.handles.pop(tid, ())
+            for h in handles:
                 self.agent.cancel(h, header.get("message", "cancelled"))
-            return b"{}"
+            if handles:
+                self._end(tid, handles)
+            return json.dumps({"started": self.ended.get(tid, False)}).encode()
         raise ValueError(f"unknown KV transfer command {op!r}")
 
     def _start(self, op: str, h: dict) -> dict:
@@ -108,21 +130,30 @@ class KVRankExtension:
         self.handles[tid] = handles
         return {"bytes": sum(x.num_bytes for x in handles), "descriptors": sum(x.num_descriptors for x in handles)}
 
-    def _poll(self, tid: str) -> str:
+    def _poll(self, tid: str) -> dict:
+        """``{"state": "done" | "pending" | "failed", "message", "started"}`` for one transfer."""
         handles = self.handles.get(tid)
         if handles is None:
-            return "done"  # finished earlier (or this rank had nothing to move)
+            return {"state": "done"}  # finished earlier (or this rank had nothing to move)
         states = [self.agent.poll(x) for x in handles]
         bad = next((s for s in states if s.failed), None)
         if bad is not None:
             for x in handles:
                 self.agent.cancel(x, bad.message)
             del self.handles[tid]
-            return "failed: " + bad.message
+            return {"state": "failed", "message": bad.message, "started": self._end(tid, handles)}
         if all(s.done for s in states):
             del self.handles[tid]
-            return "done"
-        return "pending"
+            self._end(tid, handles)
+            return {"state": "done"}
+        return {"state": "pending"}
+
+    def _end(self, tid: str, handles: list[TransferHandle]) -> bool:
+        is_started = any(h.is_started for h in handles)
+        self.ended[tid] = is_started
+        while len(self.ended) > 4096:
+            self.ended.popitem(last=False)
+        return is_started
 
     def close(self) -> None:
         self.agent.close()
@@ -154,6 +185,10 @@ class EngineTransport:
         self.aengine = None
         self._pool: ThreadPoolExecutor | None = None
         self._peer_epochs: dict[str, int] = {}
+        self.receiver_controls_writes: bool = _backend_class(backend).RECEIVER_CONTROLS_WRITES
+        """After ``revoke`` no byte of that transfer lands (two-sided backends)."""
+        self.on_refusals: Callable[[list[tuple[str, str, str]]], None] | None = None
+        """Called on the event loop with the (peer agent, transfer id, reason) every rank refused."""
 
     def attach(self, aengine: Any) -> None:
         """Route later calls through the engine thread of ``aengine`` (TP > 1), or through
@@ -193,8 +228,13 @@ class EngineTransport:
 
     async def send(self, transfer_id: str, src_block_ids: list[int], destination: pb.KVDestination,
                    peer: pb.WorkerInfo, timeout_s: float) -> pb.TransferStats:
-        """Write the blocks into the peer's destination blocks; raise on failure or timeout."""
-        await self._ensure_peer(peer)
+        """Write the blocks into the peer's destination blocks within ``timeout_s``. Raises
+        ``TransferFailed`` (with ``is_started``), or ``TimeoutError``; cancelled, it cancels
+        the write on every rank."""
+        try:
+            await self._ensure_peer(peer)
+        except (OSError, RuntimeError, ValueError) as e:
+            raise TransferFailed(f"cannot reach {peer.worker_id}'s agents: {e}", is_started=False) from e
         start = time.monotonic()
         answers = await self._call({
             "op": "write", "tid": transfer_id, "src_blocks": list(src_block_ids),
@@ -202,30 +242,42 @@ class EngineTransport:
             "peer_agents": [r.agent_name for r in peer.transfer.ranks],
             "peer_layouts": [lay.to_dict() for lay in _layouts_of(peer.transfer.ranks)],
         })
-        await self.wait(transfer_id, timeout_s)
+        try:
+            await self.wait(transfer_id, timeout_s + _WRITE_SLACK_S)
+        except asyncio.CancelledError:
+            self.cancel(transfer_id)
+            raise
         sizes = [json.loads(a) for a in answers]
         return pb.TransferStats(bytes=sum(s["bytes"] for s in sizes), descriptors=sum(s["descriptors"] for s in sizes),
                                 latency_ms=1000 * (time.monotonic() - start))
 
     async def expect(self, transfer_id: str, source: pb.WorkerInfo, first_block_index: int, block_ids: list[int],
-                     timeout_s: float = 60.0) -> None:
+                     timeout_s: float) -> None:
+        """Admit ``source``'s write of ``transfer_id`` into ``block_ids`` on every rank for
+        ``timeout_s`` (the lease's remaining time)."""
         await self._ensure_peer(source)
         await self._call({
-            "op": "expect", "tid": transfer_id, "dst_blocks": list(block_ids), "timeout_s": timeout_s + EXPECT_MARGIN_S,
+            "op": "expect", "tid": transfer_id, "dst_blocks": list(block_ids), "timeout_s": timeout_s,
             "peer_agents": [r.agent_name for r in source.transfer.ranks],
             "peer_layouts": [lay.to_dict() for lay in _layouts_of(source.transfer.ranks)],
         })
 
     async def wait(self, transfer_id: str, timeout_s: float) -> None:
-        """Poll until every rank's part is DONE; raise on FAILED or past the deadline."""
-        deadline = time.monotonic() + timeout_s + EXPECT_MARGIN_S
+        """Poll until every rank's part is DONE; raise ``TransferFailed`` on FAILED, and
+        ``TimeoutError`` past ``timeout_s`` (then the transfer is cancelled)."""
+        deadline = time.monotonic() + timeout_s
         interval = _POLL_INITIAL_S
         while True:
-            states = [json.loads(a)[transfer_id] for a in await self._call({"op": "poll", "tids": [transfer_id]})]
-            failed = [s for s in states if s.startswith("failed")]
+            answers = [json.loads(a) for a in await self._call({"op": "poll", "tids": [transfer_id]})]
+            self._note_refusals(answers)
+            states = [a["states"][transfer_id] for a in answers]
+            failed = [s for s in states if s["state"] == "failed"]
             if failed:
-                raise RuntimeError(f"KV transfer {transfer_id} {failed[0]}")
-            if all(s == "done" for s in states):
+                if len(failed) < len(states):
+                    self.cancel(transfer_id)  # the other ranks' parts are of no use now
+                raise TransferFailed(f"KV transfer {transfer_id} failed: {failed[0]['message']}",
+                                     is_started=any(s.get("started") for s in failed) or len(failed) < len(states))
+            if all(s["state"] == "done" for s in states):
                 return
             if time.monotonic() > deadline:
                 self.cancel(transfer_id)
@@ -233,10 +285,26 @@ class EngineTransport:
             await asyncio.sleep(interval)
             interval = min(interval * 2, _POLL_MAX_S)
 
+    async def revoke(self, transfer_id: str) -> bool:
+        """Stop admitting ``transfer_id`` on every rank and return whether a writer had been
+        admitted on any (bytes may have landed). With ``receiver_controls_writes``, no byte
+        of it lands once this returns."""
+        answers = await self._call({"op": "cancel", "tid": transfer_id, "message": "revoked"})
+        return any(json.loads(a).get("started") for a in answers)
+
     def cancel(self, transfer_id: str) -> None:
         """Stop a transfer on every rank (from the event loop; fire and forget)."""
         if self.aengine is not None:
             asyncio.get_running_loop().create_task(self._call({"op": "cancel", "tid": transfer_id}))
+
+    async def collect_refusals(self) -> None:
+        """Hand the refusals every rank recorded since the last poll to ``on_refusals``."""
+        self._note_refusals([json.loads(a) for a in await self._call({"op": "refusals"})])
+
+    def _note_refusals(self, answers: list[dict]) -> None:
+        refusals = [tuple(r) for a in answers for r in a.get("refusals", ())]
+        if refusals and self.on_refusals is not None:
+            self.on_refusals(refusals)
 
     def close(self) -> None:
         """Agents close with the engine's executor (rank extensions); call this first, so

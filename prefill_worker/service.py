@@ -4,16 +4,27 @@ decode worker lacks into that worker's destination blocks, and answers (with the
 prompt logprobs when they were asked: the engine computes every prompt position
 for such a request, skipping its prefix cache).
 
+Every answer carries the hop's outcome (``pb.HopOutcome``; gRPC statuses are left to
+the transport): HOP_DONE once the decode worker's agents admitted and received the
+whole write; HOP_NEVER_STARTED when nothing was written into the destination (bad
+request, unknown decode worker, or the decode worker refused the transfer: no live
+lease with that id and those blocks); HOP_TRANSFER_FAILED when a write was started
+and failed or timed out (the destination blocks may be half-written); HOP_ABORTED
+when the request was aborted here. The write must end by the request's deadline
+(``timeout_ms`` from its arrival), which comes before the decode worker's lease
+expires (``kvtransfer.lease``).
+
 Blocks stay allocated from the end of the prompt until the transfer finished or
 failed, then go back to the pool (their full blocks remain in the prefix cache).
 A cancelled Prefill RPC (the decode worker aborted or went away) aborts the
-request and frees everything it held.
+request, cancels its write and frees everything it held.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from typing import Protocol
 
 import grpc
@@ -25,6 +36,9 @@ from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 
 log = logging.getLogger(__name__)
+
+_OUTCOME_FIELDS = {pb.HOP_DONE: "done", pb.HOP_NEVER_STARTED: "never_started",
+                   pb.HOP_TRANSFER_FAILED: "transfer_failed", pb.HOP_ABORTED: "aborted"}
 
 
 class PeerDirectory(Protocol):
@@ -38,7 +52,9 @@ class KVSender(Protocol):
         self, transfer_id: str, src_block_ids: list[int], destination: pb.KVDestination, peer: pb.WorkerInfo,
         timeout_s: float,
     ) -> pb.TransferStats:
-        """Write the blocks into the peer's destination blocks; raise on failure or timeout."""
+        """Write the blocks into the peer's destination blocks within ``timeout_s``. Raises
+        ``kvtransfer.worker.TransferFailed`` (its ``is_started`` False when the receiver
+        refused before any byte moved) or ``TimeoutError``."""
 
 
 class PrefillService(pb_grpc.PrefillServicer):
@@ -50,47 +66,56 @@ class PrefillService(pb_grpc.PrefillServicer):
         self.sender = sender
         self.default_timeout_s = default_timeout_s
         self.transfers = pb.StatsResponse()
-        """Counters of KV sent to decode workers (bytes, count, failures, latency)."""
+        """Counters of KV sent to decode workers (bytes, count, failures, latency, outcomes)."""
 
     async def Prefill(self, request: pb.PrefillRequest, context: grpc.aio.ServicerContext) -> pb.PrefillResponse:
         rid = request.request_id
         dest = request.destination
         timeout_s = request.timeout_ms / 1000 if request.timeout_ms else self.default_timeout_s
+        deadline = time.monotonic() + timeout_s  # the write must end by then (the lease outlives it)
+        resp = pb.PrefillResponse(request_id=rid)
         try:
             params = SamplingParams(**convert.sampling_kwargs(request.sampling_params))
         except (ValueError, TypeError) as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return self._answer(resp, pb.HOP_NEVER_STARTED, f"invalid sampling parameters: {e}")
         peer = await self.peers.get(dest.worker_id)
         if peer is None:
-            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, f"decode worker {dest.worker_id!r} is not registered")
+            return self._answer(resp, pb.HOP_NEVER_STARTED, f"decode worker {dest.worker_id!r} is not registered")
         try:
             delta, block_ids = await self.aengine.prefill_only(rid, list(request.prompt_token_ids), params)
         except ValueError as e:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+            return self._answer(resp, pb.HOP_NEVER_STARTED, f"invalid request: {e}")
+        except RuntimeError as e:  # aborted here (Abort RPC) or failed by the engine
+            return self._answer(resp, pb.HOP_ABORTED, str(e))
         try:
             src = block_ids[dest.first_block_index :]
             if len(src) != len(dest.block_ids):
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT,
-                    f"destination has {len(dest.block_ids)} blocks from block {dest.first_block_index}, "
-                    f"the prompt has {len(src)}",
-                )
+                return self._answer(resp, pb.HOP_NEVER_STARTED,
+                                    f"destination has {len(dest.block_ids)} blocks from block {dest.first_block_index}, "
+                                    f"the prompt has {len(src)}")
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0:  # the decode worker gave up on this hop already
+                return self._answer(resp, pb.HOP_NEVER_STARTED, f"no time left to write (timeout {timeout_s:.3g}s)")
             try:
-                stats = await self.sender.send(dest.transfer_id, src, dest, peer, timeout_s)
+                stats = await self.sender.send(dest.transfer_id, src, dest, peer, remaining_s)
             except TimeoutError as e:
                 self.transfers.transfer_failures += 1
-                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"KV transfer timed out: {e}")
-            except (OSError, RuntimeError) as e:
+                return self._answer(resp, pb.HOP_TRANSFER_FAILED, f"KV transfer timed out: {e}")
+            except (OSError, RuntimeError) as e:  # TransferFailed among them
+                if not getattr(e, "is_started", True):  # refused, or unreachable: nothing written
+                    return self._answer(resp, pb.HOP_NEVER_STARTED, f"KV transfer not started: {e}")
                 self.transfers.transfer_failures += 1
-                await context.abort(grpc.StatusCode.UNAVAILABLE, f"KV transfer failed: {e}")
+                return self._answer(resp, pb.HOP_TRANSFER_FAILED, f"KV transfer failed: {e}")
             self.transfers.transfer_bytes += stats.bytes
             self.transfers.transfer_count += 1
             self.transfers.transfer_latency_ms_sum += stats.latency_ms
         finally:
             self.aengine.release(rid)
         token = delta.token_ids[0]
-        resp = pb.PrefillResponse(request_id=rid, first_token_id=token, transfer=stats,
-                                  num_cached_tokens=delta.num_cached_tokens)
+        resp.first_token_id = token
+        resp.transfer.CopyFrom(stats)
+        resp.num_cached_tokens = delta.num_cached_tokens
+        resp.destination.CopyFrom(dest)
         if delta.logprobs:
             resp.first_logprobs.CopyFrom(convert.logprobs_message(delta.logprobs[0], token))
         if delta.prompt_logprobs is not None:
@@ -98,10 +123,24 @@ class PrefillService(pb_grpc.PrefillServicer):
             prompt = request.prompt_token_ids
             resp.prompt_logprobs.extend(
                 convert.logprobs_message(lp, prompt[i]) for i, lp in enumerate(delta.prompt_logprobs) if i)
+        return self._answer(resp, pb.HOP_DONE)
+
+    def _answer(self, resp: pb.PrefillResponse, outcome: int, error: str = "") -> pb.PrefillResponse:
+        resp.outcome = outcome
+        resp.error = error
+        counters = self.transfers.hop_outcomes
+        setattr(counters, _OUTCOME_FIELDS[outcome], getattr(counters, _OUTCOME_FIELDS[outcome]) + 1)
+        if error:
+            log.info("prefill of %s: %s (%s)", resp.request_id, pb.HopOutcome.Name(outcome), error)
         return resp
 
     async def Abort(self, request: pb.AbortRequest, context) -> pb.AbortResponse:
-        self.aengine.abort(request.request_id)
+        rid = request.request_id
+        # NOTE: a request whose prompt is computed is being written: its Prefill call
+        # releases the blocks once the write ended. Releasing them now could hand them to
+        # another request while their bytes are read (then sent to the decode worker as DONE).
+        if not await self.aengine.call(lambda: rid in self.aengine.engine.scheduler.held):
+            self.aengine.abort(rid)
         return pb.AbortResponse(found=True)
 
     async def Stats(self, request, context) -> pb.StatsResponse:

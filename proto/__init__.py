@@ -5,8 +5,11 @@ Generated modules are checked in (`pdserve_pb2`, `pdserve_pb2_grpc`); regenerate
 registers: a mismatch is refused instead of failing per request.
 """
 
-PROTOCOL_VERSION = 3
-"""3: structured outputs, prompt logprobs, include_stop_str_in_output and
+PROTOCOL_VERSION = 4
+"""4: hop outcomes and transfer leases (a version-3 decode worker would read a
+PrefillResponse that says HOP_NEVER_STARTED as a success; a version-3 prefill worker
+writes without claiming, which a version-4 decode worker refuses).
+3: structured outputs, prompt logprobs, include_stop_str_in_output and
 spaces_between_special_tokens (a version-2 worker would ignore them silently)."""
 """2: SamplingParams gained penalties, logit_bias, min_tokens and allowed/banned token ids
 (a version-1 worker would silently ignore them)."""

@@ -27,6 +27,14 @@ class TransferBackend(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TRANSFER_BACKEND_UNSPECIFIED: _ClassVar[TransferBackend]
     NIXL: _ClassVar[TransferBackend]
     TORCH_DIST: _ClassVar[TransferBackend]
+
+class HopOutcome(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    HOP_OUTCOME_UNSPECIFIED: _ClassVar[HopOutcome]
+    HOP_DONE: _ClassVar[HopOutcome]
+    HOP_NEVER_STARTED: _ClassVar[HopOutcome]
+    HOP_TRANSFER_FAILED: _ClassVar[HopOutcome]
+    HOP_ABORTED: _ClassVar[HopOutcome]
 ROLE_UNSPECIFIED: Role
 PREFILL: Role
 DECODE: Role
@@ -39,6 +47,11 @@ ERROR: FinishReason
 TRANSFER_BACKEND_UNSPECIFIED: TransferBackend
 NIXL: TransferBackend
 TORCH_DIST: TransferBackend
+HOP_OUTCOME_UNSPECIFIED: HopOutcome
+HOP_DONE: HopOutcome
+HOP_NEVER_STARTED: HopOutcome
+HOP_TRANSFER_FAILED: HopOutcome
+HOP_ABORTED: HopOutcome
 
 class SamplingParams(_message.Message):
     __slots__ = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "stop", "stop_token_ids", "ignore_eos", "logprobs", "skip_special_tokens", "cache_salt", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "allowed_token_ids", "banned_token_ids", "structured_output", "prompt_logprobs", "include_stop_str_in_output", "spaces_between_special_tokens")
@@ -205,6 +218,18 @@ class KVDestination(_message.Message):
     block_ids: _containers.RepeatedScalarFieldContainer[int]
     def __init__(self, worker_id: _Optional[str] = ..., transfer_id: _Optional[str] = ..., first_block_index: _Optional[int] = ..., block_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
+class HopOutcomes(_message.Message):
+    __slots__ = ("done", "never_started", "transfer_failed", "aborted")
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    NEVER_STARTED_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_FAILED_FIELD_NUMBER: _ClassVar[int]
+    ABORTED_FIELD_NUMBER: _ClassVar[int]
+    done: int
+    never_started: int
+    transfer_failed: int
+    aborted: int
+    def __init__(self, done: _Optional[int] = ..., never_started: _Optional[int] = ..., transfer_failed: _Optional[int] = ..., aborted: _Optional[int] = ...) -> None: ...
+
 class TokenLogprobs(_message.Message):
     __slots__ = ("token_ids", "logprobs")
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -238,34 +263,51 @@ class PrefillRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., destination: _Optional[_Union[KVDestination, _Mapping]] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
 
 class PrefillResponse(_message.Message):
-    __slots__ = ("request_id", "first_token_id", "first_logprobs", "num_cached_tokens", "transfer", "prompt_logprobs")
+    __slots__ = ("request_id", "first_token_id", "first_logprobs", "num_cached_tokens", "transfer", "prompt_logprobs", "outcome", "error", "destination")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     NUM_CACHED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_FIELD_NUMBER: _ClassVar[int]
     PROMPT_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    DESTINATION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     first_token_id: int
     first_logprobs: TokenLogprobs
     num_cached_tokens: int
     transfer: TransferStats
     prompt_logprobs: _containers.RepeatedCompositeFieldContainer[TokenLogprobs]
-    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., transfer: _Optional[_Union[TransferStats, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ...) -> None: ...
+    outcome: HopOutcome
+    error: str
+    destination: KVDestination
+    def __init__(self, request_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., first_logprobs: _Optional[_Union[TokenLogprobs, _Mapping]] = ..., num_cached_tokens: _Optional[int] = ..., transfer: _Optional[_Union[TransferStats, _Mapping]] = ..., prompt_logprobs: _Optional[_Iterable[_Union[TokenLogprobs, _Mapping]]] = ..., outcome: _Optional[_Union[HopOutcome, str]] = ..., error: _Optional[str] = ..., destination: _Optional[_Union[KVDestination, _Mapping]] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "prefill_worker_id", "timeout_ms")
+    __slots__ = ("request_id", "prompt_token_ids", "sampling_params", "prefill_worker_id", "timeout_ms", "resume")
+    class Resume(_message.Message):
+        __slots__ = ("token_ids", "index", "text_len")
+        TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+        INDEX_FIELD_NUMBER: _ClassVar[int]
+        TEXT_LEN_FIELD_NUMBER: _ClassVar[int]
+        token_ids: _containers.RepeatedScalarFieldContainer[int]
+        index: int
+        text_len: int
+        def __init__(self, token_ids: _Optional[_Iterable[int]] = ..., index: _Optional[int] = ..., text_len: _Optional[int] = ...) -> None: ...
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_PARAMS_FIELD_NUMBER: _ClassVar[int]
     PREFILL_WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    RESUME_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling_params: SamplingParams
     prefill_worker_id: str
     timeout_ms: int
-    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., prefill_worker_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ...) -> None: ...
+    resume: GenerateRequest.Resume
+    def __init__(self, request_id: _Optional[str] = ..., prompt_token_ids: _Optional[_Iterable[int]] = ..., sampling_params: _Optional[_Union[SamplingParams, _Mapping]] = ..., prefill_worker_id: _Optional[str] = ..., timeout_ms: _Optional[int] = ..., resume: _Optional[_Union[GenerateRequest.Resume, _Mapping]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("prompt_tokens", "completion_tokens", "cached_tokens")
@@ -326,7 +368,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("worker_id", "num_waiting", "num_running", "num_kv_blocks_total", "num_kv_blocks_free", "num_queued_prefill_tokens", "prefix_cache_hit_tokens", "prefix_cache_query_tokens", "transfer_bytes", "transfer_count", "transfer_failures", "transfer_latency_ms_sum", "local_prefill_fallbacks", "num_open_grammars")
+    __slots__ = ("worker_id", "num_waiting", "num_running", "num_kv_blocks_total", "num_kv_blocks_free", "num_queued_prefill_tokens", "prefix_cache_hit_tokens", "prefix_cache_query_tokens", "transfer_bytes", "transfer_count", "transfer_failures", "transfer_latency_ms_sum", "local_prefill_fallbacks", "num_open_grammars", "hop_outcomes", "refused_transfers")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -341,6 +383,8 @@ class StatsResponse(_message.Message):
     TRANSFER_LATENCY_MS_SUM_FIELD_NUMBER: _ClassVar[int]
     LOCAL_PREFILL_FALLBACKS_FIELD_NUMBER: _ClassVar[int]
     NUM_OPEN_GRAMMARS_FIELD_NUMBER: _ClassVar[int]
+    HOP_OUTCOMES_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_TRANSFERS_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     num_waiting: int
     num_running: int
@@ -355,7 +399,9 @@ class StatsResponse(_message.Message):
     transfer_latency_ms_sum: float
     local_prefill_fallbacks: int
     num_open_grammars: int
-    def __init__(self, worker_id: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_kv_blocks_total: _Optional[int] = ..., num_kv_blocks_free: _Optional[int] = ..., num_queued_prefill_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transfer_count: _Optional[int] = ..., transfer_failures: _Optional[int] = ..., transfer_latency_ms_sum: _Optional[float] = ..., local_prefill_fallbacks: _Optional[int] = ..., num_open_grammars: _Optional[int] = ...) -> None: ...
+    hop_outcomes: HopOutcomes
+    refused_transfers: int
+    def __init__(self, worker_id: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_kv_blocks_total: _Optional[int] = ..., num_kv_blocks_free: _Optional[int] = ..., num_queued_prefill_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transfer_count: _Optional[int] = ..., transfer_failures: _Optional[int] = ..., transfer_latency_ms_sum: _Optional[float] = ..., local_prefill_fallbacks: _Optional[int] = ..., num_open_grammars: _Optional[int] = ..., hop_outcomes: _Optional[_Union[HopOutcomes, _Mapping]] = ..., refused_transfers: _Optional[int] = ...) -> None: ...
 
 class BlocksStored(_message.Message):
     __slots__ = ("block_hashes", "parent_block_hash", "token_ids", "block_size")

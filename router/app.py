@@ -9,9 +9,11 @@ set, guards every route but ``/health``, ``/ready`` and ``/metrics`` (the docume
 they describe what this server accepts, which is nobody else's business; fetch them
 with the key, e.g. ``curl -H "Authorization: Bearer $KEY" .../openapi.json``).
 
-Order of checks for a generation request, cheapest first: API key (401), in-flight
-limit (503 + Retry-After), body size (413, from Content-Length and from the bytes
-actually read), JSON and types (400; nesting deeper than 64 levels too), model (404),
+Order of checks for a generation request, cheapest first: API key (401), the body
+(``limits.py``: 413 from Content-Length and from the bytes actually read, 408 when it
+is not here within ``body_timeout_s``, 503 when the bodies being read hold too many
+bytes), JSON and types (400; nesting deeper than 64 levels too), then the in-flight
+limit (503 + Retry-After; taken only now, so a slow sender holds no slot), model (404),
 field policies (400: a field this server does not honour, at a value other than its
 neutral one, or an unknown field; ``fields.py``), values and lengths (400), routing
 (503 when no worker); ``prepare.py`` does the middle part. Routes read the raw body (for
@@ -20,7 +22,8 @@ schemas through ``openapi_extra``. Every error is OpenAI's envelope. Streaming r
 their headers once the first token (or an error) arrives, so a request that cannot
 start gets a real status code; a failure after that ends the stream with
 ``data: {"error": ...}`` and ``data: [DONE]``. A client that goes away, streaming or
-not, cancels its Generate calls, which frees its KV blocks on every worker. A stream
+not, cancels its Generate calls, which frees its KV blocks on every worker; so does one
+that stops reading a stream for ``send_timeout_s`` (the stream is ended). A stream
 writes whatever arrived since its last write at once: one chunk per choice, the
 choice's deltas merged (``generation.coalesce``), all in one body write.
 """
@@ -42,13 +45,13 @@ from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import ClientDisconnect
 
 from . import prepare
 from .errors import APIError, invalid
 from .fields import openapi_schemas
 from .gateway import Gateway, GatewayConfig
 from .generation import Generation, coalesce
+from .limits import ClientGone, SendTimeout, read_body, timed_send, uvicorn_settings
 from .metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from .responses import ResponseBuilder
 from .schemas import REQUEST_MODELS
@@ -60,10 +63,6 @@ __all__ = ["GatewayConfig", "create_app", "serve"]
 
 _INLINE_BODY_BYTES = 64 << 10
 """Bodies above this are validated and tokenized on a worker thread, off the event loop."""
-
-
-class ClientGone(Exception):
-    """The client disconnected before its response started."""
 
 
 def create_app(config: GatewayConfig, *, router: Any = None) -> FastAPI:
@@ -207,6 +206,8 @@ def _endpoint(request: Request) -> str:
 def _outcome(e: APIError) -> str:
     if e.status == 401:
         return "unauthorized"
+    if e.code == "request_timeout":
+        return "body_timeout"
     if e.status < 500:
         return "invalid"
     return {"overloaded": "overloaded", "no_workers": "no_workers", "timeout": "timeout"}.get(e.code or "", "error")
@@ -222,9 +223,9 @@ async def _generate(gateway: Gateway, request: Request, *, chat: bool) -> Respon
     gen: Generation | None = None
     handed_off = False
     try:
+        body, size = await _read_json(request, gateway)  # before taking a slot: a slow sender holds none
         gateway.admit()
         try:
-            body, size = await _read_json(request, gateway.config.max_body_bytes)
             if size > _INLINE_BODY_BYTES:  # tokenizing a big prompt would stall every other request
                 job = await asyncio.to_thread(prepare.prepare_generation, gateway, body, chat)
             else:
@@ -263,20 +264,9 @@ async def _generate(gateway: Gateway, request: Request, *, chat: bool) -> Respon
         raise
 
 
-async def _read_json(request: Request, limit: int) -> tuple[Any, int]:
-    """The decoded body and its size in bytes."""
-    too_large = APIError(413, f"the request body is larger than {limit} bytes", code="request_too_large")
-    length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > limit:
-        raise too_large
-    body = bytearray()
-    try:
-        async for chunk in request.stream():
-            body += chunk
-            if len(body) > limit:
-                raise too_large
-    except ClientDisconnect:
-        raise ClientGone() from None
+async def _read_json(request: Request, gateway: Gateway) -> tuple[Any, int]:
+    """The decoded body and its size in bytes (read within the limits of ``limits.read_body``)."""
+    body = await read_body(request, gateway.config, gateway.body_budget)
     try:
         return json.loads(body, parse_constant=_reject_constant), len(body)
     except (ValueError, UnicodeDecodeError) as e:
@@ -288,7 +278,7 @@ async def _read_json(request: Request, limit: int) -> tuple[Any, int]:
 async def _answer(gateway: Gateway, request: Request, handle: Callable[[Gateway, Any], dict[str, Any]]) -> Response:
     """A small JSON request (``/tokenize``, ``/detokenize``): read, bounded, answered."""
     try:
-        body, size = await _read_json(request, gateway.config.max_body_bytes)
+        body, size = await _read_json(request, gateway)
     except ClientGone:
         return Response(status_code=499)  # nobody reads it
     if size > _INLINE_BODY_BYTES:
@@ -376,7 +366,13 @@ class _SSEResponse(StreamingResponse):
 
     async def __call__(self, scope, receive, send) -> None:
         try:
-            await super().__call__(scope, receive, send)
+            await super().__call__(scope, receive, timed_send(send, self.gateway.config.send_timeout_s))
+        except SendTimeout:
+            # NOTE: the response stays incomplete; returning makes uvicorn close the
+            # connection (it logs "ASGI callable returned without completing response").
+            self.outcome = "send_timeout"
+            log.warning("request %s: the client read nothing for %g s; ending its stream", self.gen.request_id,
+                        self.gateway.config.send_timeout_s)
         finally:
             self.gen.cancel()
             self.gateway.release()
@@ -402,7 +398,7 @@ def serve(config: GatewayConfig, host: str = "127.0.0.1", port: int = 8000, log_
     if not is_loopback(host) and config.api_key is None:
         log.warning("the gateway listens on %s without an API key: anyone who can reach it can use it "
                     "(set --api-key)", host)
-    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level)
+    uvicorn.run(create_app(config), host=host, port=port, log_level=log_level, **uvicorn_settings(config))
 
 
 class ServerThread:
@@ -418,7 +414,8 @@ class ServerThread:
         self.sock = socket.socket()
         self.sock.bind((host, 0))
         self.url = f"http://{host}:{self.sock.getsockname()[1]}"
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning",
+                                                    **uvicorn_settings(app.state.gateway.config)))
         self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + start_timeout_s

@@ -26,7 +26,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -35,6 +35,7 @@ import grpc
 
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import Tokenizer
+from pdserve.proto import auth
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 
@@ -45,6 +46,7 @@ from .policy import Router
 from .reasoning import get_reasoning_parser
 from .tool_parsers import get_tool_parser
 from .generation import Generation
+from .limits import BodyBudget
 from .errors import APIError, invalid
 
 log = logging.getLogger("pdserve.gateway")
@@ -88,14 +90,30 @@ class GatewayConfig:
     request_timeout_s: float = 600.0
     """Deadline of one request's Generate calls, from its arrival."""
     max_inflight: int = 256
-    """Generation requests served at once; beyond: 503 with Retry-After."""
+    """Generation requests served at once; beyond: 503 with Retry-After. A request takes
+    its slot only once its whole body was read (``limits.py``)."""
     retry_after_s: int = 1
+    header_timeout_s: float = 30.0
+    """Seconds a connection may take to send a request's headers; then it is closed."""
+    body_timeout_s: float = 30.0
+    """Seconds a client may take to send a request's body; then 408."""
+    max_body_bytes_reading: int = 256 << 20
+    """Bytes of request bodies being read at once, over all connections; beyond: 503."""
+    send_timeout_s: float = 30.0
+    """Seconds one write of a streamed response may wait for the client to read; then the
+    stream is ended and its generation cancelled."""
+    max_connections: int = 2048
+    """Open connections (uvicorn's ``limit_concurrency``); beyond: uvicorn's plain 503."""
     refresh_interval_s: float = 0.5
     #: Times a prompt is routed again when its decode worker refuses it before sending
     #: anything (UNAVAILABLE: draining, restarting, gone).
     max_retries: int = 2
-    #: Seconds a worker that answered UNAVAILABLE gets no new requests (unless it
-    #: re-registers as a new incarnation sooner).
+    #: Times one completion is resumed on another decode worker after its stream broke
+    #: mid-way (the worker died, was stopped, or ended the stream early); past it the
+    #: stream ends with an error (``generation.py``).
+    max_migrations: int = 3
+    #: Seconds a worker that answered UNAVAILABLE (or broke a stream) gets no new
+    #: requests (unless it re-registers as a new incarnation sooner).
     unavailable_backoff_s: float = 5.0
     stats_interval_s: float = 1.0
     """How often workers' Stats feed the router's load view (0: never)."""
@@ -105,6 +123,10 @@ class GatewayConfig:
     reasoning_parser: str | None = None
     """Splits thinking into ``reasoning_content`` (``reasoning.REASONING_PARSERS``: qwen3,
     deepseek_r1); None: the output is content as it is."""
+    cluster_secret: bytes | None = field(default_factory=auth.load_secret, repr=False)
+    """Signs every call to the workers and a ``grpc://`` store (``pdserve.proto.auth``);
+    default: ``$PDSERVE_CLUSTER_SECRET`` / ``$PDSERVE_CLUSTER_SECRET_FILE``, as the
+    workers read it; None: calls are unsigned (workers without a secret, on loopback)."""
 
     def __post_init__(self) -> None:
         if not self.store_url:
@@ -114,13 +136,14 @@ class GatewayConfig:
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must be a non-empty string or None")
         positive = ("block_size", "max_body_bytes", "max_n", "max_prompts", "max_inflight", "request_timeout_s",
-                    "refresh_interval_s")
+                    "refresh_interval_s", "header_timeout_s", "body_timeout_s", "max_body_bytes_reading",
+                    "send_timeout_s", "max_connections")
         for name in positive:
             value = getattr(self, name)
             if not value > 0:
                 raise ValueError(f"{name} must be > 0, got {value!r}")
         for name in ("disagg_threshold_tokens", "max_logprobs", "retry_after_s", "stats_interval_s", "max_retries",
-                     "unavailable_backoff_s"):
+                     "max_migrations", "unavailable_backoff_s"):
             value = getattr(self, name)
             if not value >= 0:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
@@ -153,6 +176,7 @@ class Gateway:
         self.metrics = GatewayMetrics()
         self.workers: dict[str, pb.WorkerInfo] = {}
         self.num_inflight = 0
+        self.body_budget = BodyBudget(config.max_body_bytes_reading)
         self._store = None
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._tasks: list[asyncio.Task] = []
@@ -167,7 +191,8 @@ class Gateway:
     async def start(self) -> None:
         from pdserve.deploy.store import open_store  # noqa: PLC0415 - redis is imported only when used
 
-        self._store = await asyncio.to_thread(open_store, self.config.store_url)
+        self._store = await asyncio.to_thread(open_store, self.config.store_url,
+                                              cluster_secret=self.config.cluster_secret)
         await self.refresh()
         self._tasks.append(asyncio.create_task(self._refresh_loop(), name="gateway-refresh"))
         if self.config.stats_interval_s > 0 and hasattr(self.router, "update_load"):
@@ -245,7 +270,7 @@ class Gateway:
         return out
 
     def mark_unavailable(self, worker_id: str) -> None:
-        """A worker refused a call (UNAVAILABLE): route around it for a while."""
+        """A worker refused a call (UNAVAILABLE) or broke a stream: route around it for a while."""
         w = self.workers.get(worker_id)
         if w is not None:
             self._unavailable[worker_id] = (w.started_at_ms, time.monotonic() + self.config.unavailable_backoff_s)
@@ -286,7 +311,8 @@ class Gateway:
     def channel(self, address: str) -> grpc.aio.Channel:
         channel = self._channels.get(address)
         if channel is None:
-            channel = self._channels[address] = grpc.aio.insecure_channel(address, options=CHANNEL_OPTIONS)
+            channel = self._channels[address] = auth.aio_insecure_channel(address, self.config.cluster_secret,
+                                                                          options=CHANNEL_OPTIONS)
         return channel
 
     # -- admission and input ----------------------------------------------------------------

@@ -25,7 +25,9 @@ class GatewayMetrics:
 
     Outcomes of ``requests_total``: ``success``, ``invalid`` (4xx: bad input, unknown
     model, too large), ``unauthorized``, ``overloaded``, ``no_workers``, ``timeout``,
-    ``cancelled`` (the client went away), ``error`` (a worker failed the request).
+    ``cancelled`` (the client went away), ``error`` (a worker failed the request),
+    ``body_timeout`` (the body did not arrive within ``body_timeout_s``: 408),
+    ``send_timeout`` (a stream's client stopped reading for ``send_timeout_s``).
     """
 
     def __init__(self) -> None:
@@ -52,14 +54,22 @@ class GatewayMetrics:
         self.retries = Counter(f"{PREFIX}_generate_retries",
                                "Prompts routed again because a decode worker refused them unstarted (UNAVAILABLE)",
                                registry=r)
+        self.migrations = Counter(
+            f"{PREFIX}_migrations",
+            "Completions resumed on another decode worker after their stream broke mid-way, by reason "
+            "(unavailable, cancelled, ended) and outcome (resumed; exhausted: past max_migrations; "
+            "no_workers: nowhere to resume)", ["reason", "outcome"], registry=r)
         for outcome in ("success", "invalid", "unauthorized", "overloaded", "no_workers", "timeout", "cancelled",
-                        "error"):
+                        "error", "body_timeout", "send_timeout"):
             for endpoint in ("completions", "chat_completions"):
                 self.requests.labels(endpoint, outcome)  # export zeros, so rates exist from the start
         for prefill in ("local", "remote"):
             self.routing.labels(prefill)
         for role in ("prefill", "decode"):
             self.kv_hit_tokens.labels(role)
+        for reason in ("unavailable", "cancelled", "ended"):
+            for outcome in ("resumed", "exhausted", "no_workers"):
+                self.migrations.labels(reason, outcome)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -8,6 +8,10 @@ a clear message: tests that need Redis fail, they are never silently skipped.
 
 The session-scoped pytest fixture ``redis_url`` yields ``redis://127.0.0.1:PORT/0``;
 use it with ``from redis_server import redis_url`` in a test module.
+
+``RedisServer(password=...)`` runs it with ``requirepass`` (given in a 0600 config
+file, not on its command line); ``RedisServer(tls=TLSFiles(...))`` serves TLS only
+(``rediss://``), for a redis-server built with TLS (:func:`redis_has_tls`).
 """
 
 from __future__ import annotations
@@ -16,9 +20,11 @@ import fcntl
 import os
 import shutil
 import socket
+import ssl
 import subprocess
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -80,9 +86,47 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _ping(port: int) -> bool:
+@dataclass(frozen=True)
+class TLSFiles:
+    cert: Path
+    key: Path
+    ca: Path
+
+
+def redis_has_tls() -> bool:
+    """Whether this machine's redis-server was built with TLS (and openssl can make certificates)."""
+    binary = _find()
+    if binary is None or shutil.which("openssl") is None:
+        return False
+    out = subprocess.run([binary, "--port", "0", "--tls-port", "1", "--save", ""], capture_output=True, text=True,
+                         timeout=10)
+    return "No tls-cert-file configured" in out.stdout + out.stderr  # a build without TLS rejects the option
+
+
+def make_tls_files(directory: Path) -> TLSFiles:
+    """A throwaway CA and a server certificate for 127.0.0.1 (openssl)."""
+    d = Path(directory)
+    run = lambda *cmd: subprocess.run(cmd, check=True, capture_output=True, timeout=60)  # noqa: E731
+    run("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=pdserve-test-ca",
+        "-keyout", str(d / "ca.key"), "-out", str(d / "ca.crt"))
+    run("openssl", "req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", str(d / "server.key"),
+        "-out", str(d / "server.csr"))
+    (d / "ext.cnf").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("openssl", "x509", "-req", "-in", str(d / "server.csr"), "-CA", str(d / "ca.crt"), "-CAkey", str(d / "ca.key"),
+        "-CAcreateserial", "-days", "2", "-extfile", str(d / "ext.cnf"), "-out", str(d / "server.crt"))
+    return TLSFiles(d / "server.crt", d / "server.key", d / "ca.crt")
+
+
+def _ping(port: int, password: str | None = None, tls: TLSFiles | None = None) -> bool:
     try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as s:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5) as raw:
+            s = raw
+            if tls is not None:
+                s = ssl.create_default_context(cafile=str(tls.ca)).wrap_socket(raw, server_hostname="127.0.0.1")
+            if password is not None:
+                s.sendall(f"AUTH {password}\r\n".encode())
+                if not s.recv(64).startswith(b"+OK"):
+                    return False
             s.sendall(b"PING\r\n")
             return s.recv(64).startswith(b"+PONG")
     except OSError:
@@ -92,15 +136,18 @@ def _ping(port: int) -> bool:
 class RedisServer:
     """One redis-server process; ``with RedisServer() as srv: srv.url``."""
 
-    def __init__(self, startup_timeout_s: float = 15.0):
+    def __init__(self, startup_timeout_s: float = 15.0, password: str | None = None, tls: TLSFiles | None = None):
         self._timeout = startup_timeout_s
+        self._password = password
+        self._tls = tls
         self._proc: subprocess.Popen | None = None
         self._dir: tempfile.TemporaryDirectory | None = None
         self.port: int | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        """The server's URL, without any password."""
+        return f"{'rediss' if self._tls else 'redis'}://127.0.0.1:{self.port}/0"
 
     def start(self) -> "RedisServer":
         binary = ensure_redis_server()
@@ -109,14 +156,24 @@ class RedisServer:
         for _ in range(3):  # the free port can be taken between probing and binding
             port = _free_port()
             log = Path(self._dir.name) / f"redis-{port}.log"
+            conf = Path(self._dir.name) / "redis.conf"  # the password stays off the command line
+            fd = os.open(conf, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as f:
+                if self._password is not None:
+                    f.write(f"requirepass {self._password}\n")
+            ports = ["--port", str(port)]
+            if self._tls is not None:
+                ports = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(self._tls.cert),
+                         "--tls-key-file", str(self._tls.key), "--tls-ca-cert-file", str(self._tls.ca),
+                         "--tls-auth-clients", "no"]
             cmd = [
-                binary, "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                binary, str(conf), *ports, "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
                 "--dir", self._dir.name, "--daemonize", "no", "--logfile", str(log),
             ]
             proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
             deadline = time.monotonic() + self._timeout
             while time.monotonic() < deadline and proc.poll() is None:
-                if _ping(port):
+                if _ping(port, self._password, self._tls):
                     self._proc, self.port = proc, port
                     return self
                 time.sleep(0.05)

@@ -47,9 +47,13 @@ def __getattr__(name: str):
     raise AttributeError(name)
 
 
-def open_store(url: str | None = None, **kwargs) -> ControlPlaneStore:
+def open_store(url: str | None = None, *, cluster_secret: bytes | None = None, password: str | None = None,
+               **kwargs) -> ControlPlaneStore:
     """Open the store ``url`` names (see the module docstring); ``kwargs`` go to the backend.
 
+    Credentials go where they apply and are ignored elsewhere: ``cluster_secret`` signs
+    a RemoteStore's calls (default: the environment's or the local ``pdserve up``'s),
+    ``password`` is a RedisStore's when its URL has none (default: the environment's).
     ``max_retained_events`` is accepted by EmbeddedStore and RedisStore, ``namespace``
     by RedisStore, ``timeout_s`` by RemoteStore.
     """
@@ -57,9 +61,11 @@ def open_store(url: str | None = None, **kwargs) -> ControlPlaneStore:
         return EmbeddedStore(**kwargs)
     scheme = url.split("://", 1)[0].lower() if "://" in url else ""
     if scheme == "grpc":
-        return RemoteStore(url, **kwargs)
+        return RemoteStore(url, cluster_secret=cluster_secret, **kwargs)
     if scheme in ("redis", "rediss", "unix"):
         from .redis_store import RedisStore
 
-        return RedisStore(url, **kwargs)
-    raise ValueError(f"unknown control-plane store URL {url!r}: use redis://..., grpc://host:port or none")
+        return RedisStore(url, password=password, **kwargs)
+    from ..credentials import redact  # noqa: PLC0415
+
+    raise ValueError(f"unknown control-plane store URL {redact(url)!r}: use redis://..., grpc://host:port or none")

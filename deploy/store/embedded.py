@@ -9,7 +9,12 @@ same :class:`~pdserve.deploy.store.base.ControlPlaneStore` interface over the
 Error mapping on the wire: IncompatibleWorkerError <-> FAILED_PRECONDITION (with the
 message; the field name travels in the ``pdserve-incompatible-field`` trailer), other
 ValueError <-> INVALID_ARGUMENT, unset pool targets <-> NOT_FOUND, an unreachable or
-stopped server -> StoreUnavailableError.
+stopped server -> StoreUnavailableError (a refused token too: UNAUTHENTICATED).
+
+Authentication (``pdserve.proto.auth``): a server given a cluster secret (or finding one
+in the environment) refuses calls without a valid token; one that would listen beyond
+loopback without a secret refuses to start. RemoteStore signs its calls with the
+secret it is given, else the environment's, else the local ``pdserve up``'s.
 """
 
 from __future__ import annotations
@@ -21,9 +26,11 @@ from typing import Callable
 
 import grpc
 
+from pdserve.proto import auth
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 
+from ..credentials import client_secret
 from .base import (
     DEFAULT_MAX_RETAINED_EVENTS,
     DEFAULT_READ_BATCH,
@@ -285,6 +292,9 @@ class ControlPlaneServer:
 
     The server owns (and closes on :meth:`stop`) a store it created; a store passed in
     is left open. ``server.store`` is the backing store, for in-process use.
+    ``cluster_secret`` (default: the environment's, ``pdserve.proto.auth.load_secret``)
+    makes every call need a valid token; ``server.rejections`` counts refused ones.
+    Without a secret only a loopback ``host`` is allowed (ValueError otherwise).
     """
 
     def __init__(
@@ -293,7 +303,13 @@ class ControlPlaneServer:
         host: str = "127.0.0.1",
         port: int = 0,
         max_workers: int = 16,
+        cluster_secret: bytes | None = None,
     ):
+        secret = cluster_secret if cluster_secret is not None else auth.load_secret()
+        auth.require_secret_beyond_loopback(host, secret, "the control-plane server")
+        self._interceptors = auth.server_interceptors(secret, "control-plane server", aio=False)
+        #: Refused calls by reason (None without a secret: nothing is checked).
+        self.rejections: auth.Rejections | None = self._interceptors[0].rejections if self._interceptors else None
         self._owns_store = store is None
         self.store: ControlPlaneStore = store if store is not None else EmbeddedStore()
         self._host = host
@@ -319,7 +335,8 @@ class ControlPlaneServer:
         if self._server is not None:
             raise RuntimeError("ControlPlaneServer already started")
         server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="control-plane")
+            futures.ThreadPoolExecutor(max_workers=self._max_workers, thread_name_prefix="control-plane"),
+            interceptors=self._interceptors,
         )
         pb_grpc.add_ControlPlaneServicer_to_server(_Servicer(self.store), server)
         port = server.add_insecure_port(f"{self._host}:{self._requested_port}")
@@ -355,9 +372,11 @@ class RemoteStore(ControlPlaneStore):
     ``address`` is ``host:port`` or ``grpc://host:port``. Every call has a deadline of
     ``timeout_s``; an unreachable server raises :class:`StoreUnavailableError`.
     ``get_worker`` is served by ListWorkers (the service has no single-worker call).
+    Calls are signed with ``cluster_secret``, else the environment's or the local
+    ``pdserve up``'s (``pdserve.deploy.credentials.client_secret``), if any.
     """
 
-    def __init__(self, address: str, timeout_s: float = 5.0):
+    def __init__(self, address: str, timeout_s: float = 5.0, cluster_secret: bytes | None = None):
         if address.startswith("grpc://"):
             address = address[len("grpc://") :]
         address = address.rstrip("/")
@@ -365,7 +384,7 @@ class RemoteStore(ControlPlaneStore):
             raise ValueError(f"control-plane address must be host:port, got {address!r}")
         self.address = address
         self._timeout = timeout_s
-        self._channel = grpc.insecure_channel(address)
+        self._channel = auth.insecure_channel(address, client_secret(cluster_secret))
         self._stub = pb_grpc.ControlPlaneStub(self._channel)
         self._closed = False
         self._lock = threading.Lock()

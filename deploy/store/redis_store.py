@@ -20,6 +20,13 @@ event in the same script, so exactly one cleared event is emitted however many c
 notice the expiry at once). Deadlines use Redis' ``TIME``, so client clocks never matter.
 A sorted set of deadlines is used rather than per-key TTLs because a key that Redis
 expires by itself vanishes silently: nobody could then emit its cleared event exactly once.
+
+Credentials: a password in the URL (``redis://:PASSWORD@host``; discouraged on command
+lines), else ``password=``, else ``$PDSERVE_REDIS_PASSWORD`` or the file
+``$PDSERVE_REDIS_PASSWORD_FILE`` names (``pdserve.deploy.credentials.redis_password``);
+an ACL user goes in the URL (``redis://USER@host``). TLS: ``rediss://``, with redis-py's
+URL options, e.g. ``rediss://host:6380/0?ssl_ca_certs=/etc/pdserve/redis-ca.pem``.
+Errors never echo the password.
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ import redis.exceptions
 
 from pdserve.proto import pdserve_pb2 as pb
 
+from ..credentials import redact, redis_password
 from .base import (
     DEFAULT_MAX_RETAINED_EVENTS,
     DEFAULT_READ_BATCH,
@@ -171,6 +179,11 @@ def _wrap_errors(fn):
             raise StoreClosedError("RedisStore is closed")
         try:
             return fn(self, *args, **kwargs)
+        except redis.exceptions.AuthenticationError as e:
+            raise StoreUnavailableError(
+                f"redis at {self._url_for_errors} refused our credentials ({e}): set $PDSERVE_REDIS_PASSWORD_FILE "
+                f"(or $PDSERVE_REDIS_PASSWORD) to its requirepass"
+            ) from e
         except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as e:
             raise StoreUnavailableError(f"redis at {self._url_for_errors} unreachable: {e}") from e
 
@@ -180,8 +193,9 @@ def _wrap_errors(fn):
 class RedisStore(ControlPlaneStore):
     """:class:`ControlPlaneStore` in Redis (>= 6.2; streams, Lua, ``TIME`` in scripts).
 
-    ``url`` is a redis-py URL (``redis://host:port/db``, ``rediss://``, ``unix://``).
-    Stores sharing a server share state per ``namespace``. ``max_retained_events``
+    ``url`` is a redis-py URL (``redis://host:port/db``, ``rediss://``, ``unix://``);
+    ``password`` when the URL has none (default: the environment's, see the module
+    docstring). Stores sharing a server share state per ``namespace``. ``max_retained_events``
     bounds the KV stream; every store on one namespace should use the same value (each
     trims to its own on append).
     """
@@ -192,6 +206,7 @@ class RedisStore(ControlPlaneStore):
         namespace: str = "pdserve",
         max_retained_events: int = DEFAULT_MAX_RETAINED_EVENTS,
         socket_timeout_s: float = 5.0,
+        password: str | None = None,
     ):
         if not namespace or any(c in namespace for c in "{}"):
             raise ValueError(f"namespace must be non-empty without braces, got {namespace!r}")
@@ -199,11 +214,16 @@ class RedisStore(ControlPlaneStore):
             raise ValueError("max_retained_events must be >= 1")
         self.namespace = namespace
         self._maxlen = int(max_retained_events)
-        self._url_for_errors = url.split("@")[-1]  # never echo credentials
+        self._url_for_errors = redact(url)  # never echo credentials
         self._closed = False
         self._close_lock = threading.Lock()
+        extra = {}
+        password = redis_password(url, password)
+        if password is not None:
+            extra["password"] = password
         self._redis = redis.Redis.from_url(
             url,
+            **extra,
             decode_responses=False,
             socket_timeout=socket_timeout_s,
             socket_connect_timeout=socket_timeout_s,

@@ -54,6 +54,9 @@ def _peer(conn, name: str, device: str, seed: int) -> None:
             elif cmd == "write":
                 st = agent.wait(agent.write("req-1", args[0], args[1], b"kv-ready"))
                 conn.send((st.done, st.message))
+            elif cmd == "expect":  # a receiver admits only what it expects (kvtransfer.base, 6)
+                agent.expect("req-1", args[0], args[1], timeout_s=60)
+                conn.send(None)
             elif cmd == "notifications":  # waits up to 10 s for the first one
                 deadline = time.monotonic() + 10.0
                 notes = agent.take_notifications()
@@ -96,6 +99,7 @@ def test_nixl_writes_into_vram_of_another_process(src_device):
         dst_blocks = list(reversed(blocks))
         descs = [(LAYOUT.offset(l, s), LAYOUT.offset(l, d), LAYOUT.block_bytes)
                  for l in range(LAYOUT.num_layers) for s, d in zip(blocks, dst_blocks)]
+        _ask(dst, "expect", "src", descs)
         done, message = _ask(src, "write", "dst", descs)
         assert done, f"NIXL write failed: {message}"
         assert ("src", b"kv-ready") in _ask(dst, "notifications")

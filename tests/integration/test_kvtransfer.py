@@ -5,7 +5,8 @@ bytes; metadata travels through the parent (as through a control-plane store).
 Checked: exact destination bytes (the destination rank's heads of the source
 blocks) and nothing else touched, for TP 1->1, 1->2, 2->1; layer subsets;
 notifications; failures within their deadlines for a dead or frozen peer and for
-an expectation nobody fulfils; no transfer resources left behind.
+an expectation nobody fulfils; a write the receiver did not expect (unknown id,
+late, revoked) refused with nothing written; no transfer resources left behind.
 """
 
 from __future__ import annotations
@@ -89,7 +90,7 @@ def expected_dst(src_lays, src_bytes, dst_lays, dst_bytes, pairs, layers):
     return out
 
 
-def run_transfer(backend, procs, p, d, transfers, layers=None, expect_first=True):
+def run_transfer(backend, procs, p, d, transfers, layers=None):
     """``transfers``: list of block-pair lists, each one transfer (all in flight at once)."""
     src_lays, dst_lays = layouts(p), layouts(d)
     src_procs, dst_procs = procs[:p], procs[2:2 + d]
@@ -100,24 +101,22 @@ def run_transfer(backend, procs, p, d, transfers, layers=None, expect_first=True
 
     jobs = []  # (transfer id, plan)
     for t, pairs in enumerate(transfers):
-        plans = plan_transfer(src_lays, dst_lays, [a for a, _ in pairs], [b for _, b in pairs], layers)
-        jobs += [(f"req{t}/{pl.src_rank}->{pl.dst_rank}", pl) for pl in plans]
+        dst_blocks = [b for _, b in pairs]
+        plans = plan_transfer(src_lays, dst_lays, [a for a, _ in pairs], dst_blocks, layers)
+        # The receiver plans its side with placeholder source blocks (it does not know the
+        # writer's), as the decode worker does: the same destination bytes are admitted.
+        expected = plan_transfer(src_lays, dst_lays, list(range(len(pairs))), dst_blocks, layers)
+        for pl, ex in zip(plans, expected, strict=True):
+            tid = f"req{t}/{pl.src_rank}->{pl.dst_rank}"
+            dst_procs[pl.dst_rank].call("expect", dst_names[pl.dst_rank], tid, src_names[pl.src_rank], ex.descs, None)
+            jobs.append((tid, pl))
 
-    def expect_all():
-        for tid, pl in jobs:
-            dst_procs[pl.dst_rank].call("expect", dst_names[pl.dst_rank], tid, src_names[pl.src_rank],
-                                        pl.descs, None)
-
-    if expect_first:
-        expect_all()
     for tid, pl in jobs:
         src_procs[pl.src_rank].call("write", src_names[pl.src_rank], tid, dst_names[pl.dst_rank],
                                     pl.descs, tid.encode(), None)
     for r, (proc, name) in enumerate(zip(src_procs, src_names)):
         res = proc.call("wait", name, [(tid, "write") for tid, pl in jobs if pl.src_rank == r])
         assert [s for s, *_ in res] == ["done"] * len(res), res
-    if not expect_first:
-        expect_all()
     for r, (proc, name) in enumerate(zip(dst_procs, dst_names)):
         res = proc.call("wait", name, [(tid, "expect") for tid, pl in jobs if pl.dst_rank == r])
         assert [s for s, *_ in res] == ["done"] * len(res), res
@@ -152,7 +151,7 @@ PAIRS = [[(3, 10), (4, 11), (5, 12)], [(9, 2), (0, 7), (15, 0)]]
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("p,d", [(1, 1), (1, 2), (2, 1)])
 def test_transfer_between_tp_groups(backend, procs, p, d):
-    jobs = run_transfer(backend, procs, p, d, PAIRS, expect_first=(p, d) != (1, 1))
+    jobs = run_transfer(backend, procs, p, d, PAIRS)
     if (p, d) == (1, 1):  # contiguous runs merge: one descriptor per (layer, run)
         assert [pl.num_descriptors for _, pl in jobs] == [3 * 1, 3 * 3]
 
@@ -171,6 +170,7 @@ def test_write_to_lost_peer_fails_within_timeout(backend, procs, victim, how):
     procs[0].call("add_peer", src, dst, dst_md)
     victim.call("add_peer", dst, src, src_md)
     descs = plan_transfer(lay, lay, [1, 2], [3, 4])[0].descs
+    victim.call("expect", dst, "t-lost", src, descs, 30.0)
     if how == "dead":
         victim.kill()
     else:
@@ -201,14 +201,26 @@ def test_expect_nobody_fulfils_fails_within_timeout(backend, procs):
     assert state == "failed" and "timed out" in msg
     assert 1.0 <= time.monotonic() - t0 < 3.0
     assert procs[1].call("pending", names[1]) == 0
-    # a write arriving after the receiver gave up is refused or ignored, never notified
+    # a write arriving after the receiver gave up is refused and counted, never notified,
+    # and writes nothing: torch_dist's receiver copies nothing, NIXL's writer asked first
     procs[0].call("add_peer", names[0], names[1], mds[1])
     before = procs[1].call("region", names[1])
     procs[0].call("write", names[0], "never", names[1], descs, b"late", 5.0)
-    procs[0].call("wait", names[0], [("never", "write")])
+    [(state, msg, _, _)] = procs[0].call("wait", names[0], [("never", "write")])
+    assert state == "failed" and "refused" in msg and "expired" in msg, msg
     assert procs[1].call("notifications", names[1]) == []
-    if backend == "torch_dist":  # two-sided: the receiver refuses, nothing lands
-        assert procs[1].call("region", names[1]) == before
+    assert procs[1].call("refusals", names[1]) == [(names[0], "never", "transfer expired")]
+    assert procs[1].call("region", names[1]) == before
+    # so is one nobody expected, and one revoked before the writer came
+    procs[0].call("write", names[0], "made-up", names[1], descs, b"", 5.0)
+    assert procs[0].call("wait", names[0], [("made-up", "write")])[0][0] == "failed"
+    procs[1].call("expect", names[1], "revoked", names[0], descs, 30.0)
+    assert procs[1].call("cancel", names[1], "revoked", "expect") is False  # nothing had started
+    procs[0].call("write", names[0], "revoked", names[1], descs, b"", 5.0)
+    assert procs[0].call("wait", names[0], [("revoked", "write")])[0][0] == "failed"
+    assert [r[2] for r in procs[1].call("refusals", names[1])] == ["no such transfer expected", "transfer cancelled"]
+    assert procs[1].call("region", names[1]) == before
+    assert procs[1].call("metrics", names[1])["refused"] == 3
     for p, n in zip(procs, names):
         p.call("close", n)
 
@@ -228,7 +240,9 @@ def test_bad_arguments_and_close(backend, procs):
         procs[0].call("add_peer", names[0], names[1], pack_metadata(header, blob))
     with pytest.raises(Exception, match="metadata is for"):
         procs[0].call("add_peer", names[0], "someone-else", mds[1])
-    # an empty transfer still notifies
+    # an empty transfer still notifies (the receiver answers claims: it knows the writer)
+    procs[1].call("add_peer", names[1], names[0], mds[0])
+    procs[1].call("expect", names[1], "empty", names[0], np.zeros((0, 3), np.int64), None)
     procs[0].call("write", names[0], "empty", names[1], np.zeros((0, 3), np.int64), b"e", None)
     assert procs[0].call("wait", names[0], [("empty", "write")])[0][0] == "done"
     deadline = time.monotonic() + 5
@@ -252,6 +266,8 @@ def test_recovers_after_a_stalled_peer(backend, procs, victim):
     procs[0].call("add_peer", src, dst, dst_md)
     victim.call("add_peer", dst, src, src_md)
     descs = plan_transfer(lay, lay, [1, 2], [3, 4])[0].descs
+    for tid in ("warm", "stalled"):
+        victim.call("expect", dst, tid, src, descs, 30.0)
     procs[0].call("write", src, "warm", dst, descs, b"w", 5.0)  # connection established
     assert procs[0].call("wait", src, [("warm", "write")])[0][0] == "done"
     victim.stop()
@@ -259,6 +275,7 @@ def test_recovers_after_a_stalled_peer(backend, procs, victim):
     assert procs[0].call("wait", src, [("stalled", "write")])[0][0] == "failed"
     os.kill(victim.pid, signal.SIGCONT)
     descs2 = plan_transfer(lay, lay, [7], [9])[0].descs
+    victim.call("expect", dst, "after", src, descs2, 30.0)
     procs[0].call("write", src, "after", dst, descs2, b"a", 10.0)
     assert procs[0].call("wait", src, [("after", "write")])[0][0] == "done"
     got = np.frombuffer(victim.call("region", dst), np.uint8)

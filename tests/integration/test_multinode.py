@@ -34,7 +34,6 @@ import urllib.request
 from dataclasses import dataclass
 from typing import Any
 
-import grpc
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -46,7 +45,7 @@ from pdserve.deploy.ray_launcher import RayLauncher, WorkerStartError  # noqa: E
 from pdserve.deploy.store import open_store  # noqa: E402
 from pdserve.engine import SamplingParams  # noqa: E402
 from pdserve.engine.tiny_model import make_tiny_model  # noqa: E402
-from pdserve.proto import convert  # noqa: E402
+from pdserve.proto import auth, convert  # noqa: E402
 from pdserve.proto import pdserve_pb2 as pb  # noqa: E402
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc  # noqa: E402
 from redis_server import redis_url  # noqa: E402,F401 - session fixture
@@ -54,6 +53,8 @@ from redis_server import redis_url  # noqa: E402,F401 - session fixture
 pytestmark = pytest.mark.integration
 
 NUM_BLOCKS = 32
+#: The workers listen on the node IP, beyond loopback: every call to them is signed.
+SECRET = auth.generate_secret()
 
 
 @dataclass
@@ -88,7 +89,7 @@ def sim(tmp_path_factory, redis_url):  # noqa: F811 - the fixture imported above
     os.environ["RAY_ADDRESS"] = cluster.address
     launcher = None
     try:
-        launcher = RayLauncher(spec, redis_url, ray_address="auto")
+        launcher = RayLauncher(spec, redis_url, ray_address="auto", cluster_secret=SECRET)
         handles = {h.worker_id: h for h in launcher.launch()}
         yield Sim(cluster, nodes, spec, store, redis_url, launcher, handles)
     finally:
@@ -139,7 +140,7 @@ def _generate(address: str, rid: str, prompt: list[int], prefill: str = "") -> t
     req = pb.GenerateRequest(request_id=rid, prompt_token_ids=prompt, prefill_worker_id=prefill,
                              sampling_params=convert.sampling_message(params))
     tokens, finish = [], None
-    with grpc.insecure_channel(address) as ch:
+    with auth.insecure_channel(address, SECRET) as ch:
         for msg in pb_grpc.DecodeStub(ch).Generate(req, timeout=60):
             tokens.extend(msg.token_ids)
             finish = msg.finish_reason or finish

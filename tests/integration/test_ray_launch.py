@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import time
 
-import grpc
 import pytest
 
 ray = pytest.importorskip("ray")
@@ -21,7 +20,7 @@ from pdserve.deploy.ray_launcher import RayLauncher, WorkerStartError  # noqa: E
 from pdserve.deploy.scaler import PoolScaler  # noqa: E402
 from pdserve.deploy.store.embedded import ControlPlaneServer  # noqa: E402
 from pdserve.engine import LLM, SamplingParams  # noqa: E402
-from pdserve.proto import convert  # noqa: E402
+from pdserve.proto import auth, convert  # noqa: E402
 from pdserve.proto import pdserve_pb2 as pb  # noqa: E402
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -87,7 +86,7 @@ def _generate(address: str, rid: str, prompt: list[int], params: SamplingParams,
     req = pb.GenerateRequest(request_id=rid, prompt_token_ids=prompt, prefill_worker_id=prefill,
                              sampling_params=convert.sampling_message(params))
     tokens, final = [], None
-    with grpc.insecure_channel(address) as ch:
+    with auth.insecure_channel(address, auth.load_secret()) as ch:  # the workers' secret, if the environment has one
         for msg in pb_grpc.DecodeStub(ch).Generate(req, timeout=60):
             tokens.extend(msg.token_ids)
             if msg.finish_reason:

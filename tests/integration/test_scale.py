@@ -25,13 +25,14 @@ import tempfile
 import threading
 import time
 
-import grpc
 import httpx
 import pytest
 
 pytest.importorskip("ray")
 
+from pdserve.deploy.credentials import client_secret  # noqa: E402
 from pdserve.deploy.store import open_store  # noqa: E402
+from pdserve.proto import auth  # noqa: E402
 from pdserve.proto import pdserve_pb2 as pb  # noqa: E402
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc  # noqa: E402
 
@@ -92,12 +93,13 @@ def scale(env, *args: str) -> str:
 
 
 def stats(address: str) -> pb.StatsResponse:
-    with grpc.insecure_channel(address) as ch:
+    # Signed with the secret `pdserve up` left in $PDSERVE_HOME, as `pdserve scale` finds it.
+    with auth.insecure_channel(address, client_secret()) as ch:
         return pb_grpc.DecodeStub(ch).Stats(pb.StatsRequest(), timeout=10)
 
 
 def prefill_stats(address: str) -> pb.StatsResponse:
-    with grpc.insecure_channel(address) as ch:
+    with auth.insecure_channel(address, client_secret()) as ch:
         return pb_grpc.PrefillStub(ch).Stats(pb.StatsRequest(), timeout=10)
 
 
@@ -108,9 +110,10 @@ def serving(store) -> dict[str, list[str]]:
     return out
 
 
-def test_scale_up_and_down_under_load(tmp_path):
+def test_scale_up_and_down_under_load(tmp_path, monkeypatch):
     port = _free_port()
     home = tmp_path / "home"
+    monkeypatch.setenv("PDSERVE_HOME", str(home))  # this process finds `up`'s cluster secret there too
     env = {**os.environ, "PDSERVE_HOME": str(home)}
     cmd = [sys.executable, "-m", "pdserve.deploy.up", "--port", str(port), "--transfer-backend", "nixl",
            "--drain-timeout", "120"]

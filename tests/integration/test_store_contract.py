@@ -548,9 +548,11 @@ def test_server_checks_protocol_version_itself():
     """A client that skips the local check still gets FAILED_PRECONDITION from the server."""
     import grpc
 
+    from pdserve.proto import auth
     from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 
-    with ControlPlaneServer() as server, grpc.insecure_channel(server.address) as channel:
+    # Signed when the environment gives the server a secret (it then checks tokens first).
+    with ControlPlaneServer() as server, auth.insecure_channel(server.address, auth.load_secret()) as channel:
         stub = pb_grpc.ControlPlaneStub(channel)
         bad = make_worker("d0", protocol_version=PROTOCOL_VERSION + 1)
         with pytest.raises(grpc.RpcError) as info:

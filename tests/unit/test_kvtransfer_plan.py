@@ -12,8 +12,8 @@ import torch
 from pdserve.engine.parallel import TPGroup
 from pdserve.kvtransfer import (KVRegionLayout, choose_sources, kv_head_shard, merge_descriptors,
                                 plan_transfer)
-from pdserve.kvtransfer.base import (as_descs, pack_metadata, pack_notif, unpack_metadata,
-                                     unpack_notif)
+from pdserve.kvtransfer.base import as_descs, pack_metadata, unpack_metadata
+from pdserve.kvtransfer.frames import Frame, FrameKind, coverage_digest, pack_frame, unpack_frame
 
 
 def group(tp: int, *, layers=3, blocks=16, heads=4, bs=4, hd=8, dtype="bfloat16"):
@@ -224,8 +224,30 @@ def test_wire_formats_roundtrip():
     assert unpack_metadata(md) == ({"a": 1, "name": "x"}, b"\x00blob\xff")
     with pytest.raises(ValueError):
         unpack_metadata(b"garbage")
-    assert unpack_notif(pack_notif("req-1/0", 123, b"hi")) == ("req-1/0", 123, b"hi")
-    assert unpack_notif(b"plain") is None
+    for kind in FrameKind:
+        f = Frame(kind, "req-1/0", 123, 2**64 - 5, b"hi")
+        assert unpack_frame(pack_frame(f)) == f
+    assert unpack_frame(b"plain") is None
     assert as_descs([]).shape == (0, 3)
     plan = plan_transfer(group(1), group(1), [1], [2])[0]
     assert as_descs(plan) is not None and as_descs(plan).shape == (3, 3)
+
+
+def test_coverage_digest_names_destination_bytes_not_their_split():
+    """Writer and receiver plan the same destination with different source blocks (the
+    receiver does not know them), so their descriptors merge differently: same digest.
+    Any other destination byte: another digest."""
+    for src, dst in ((group(1), group(1)), (group(1), group(2)), (group(2), group(1))):
+        writer = plan_transfer(src, dst, [7, 2, 9], [4, 5, 6])  # sources not contiguous
+        receiver = plan_transfer(src, dst, [0, 1, 2], [4, 5, 6])  # placeholder sources
+        for w, r in zip(writer, receiver, strict=True):
+            assert coverage_digest(w.descs) == coverage_digest(r.descs)
+    src, dst = group(1), group(1)
+    writer = plan_transfer(src, dst, [7, 2, 9], [4, 5, 6])
+    receiver = plan_transfer(src, dst, [0, 1, 2], [4, 5, 6])
+    assert writer[0].num_descriptors == 3 * 3 and receiver[0].num_descriptors == 3  # merged runs
+    moved = plan_transfer(src, dst, [0, 1, 2], [4, 5, 7])
+    assert coverage_digest(moved[0].descs) != coverage_digest(receiver[0].descs)
+    fewer_layers = plan_transfer(src, dst, [0, 1, 2], [4, 5, 6], range(0, 1))
+    assert coverage_digest(fewer_layers[0].descs) != coverage_digest(receiver[0].descs)
+    assert coverage_digest(as_descs([])) == coverage_digest(as_descs([]))
