@@ -34,6 +34,7 @@ import socket
 import sys
 import time
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
@@ -98,6 +99,60 @@ def build_parser(role: str | None = None) -> argparse.ArgumentParser:
     return ap
 
 
+@dataclass(frozen=True)
+class WorkerConfig:
+    """Everything one worker process runs with: its flags (``build_parser``; same names),
+    validated once, plus the credentials no flag carries (the launcher's actor arguments,
+    or the environment). ``WorkerConfig.from_args`` builds it from parsed flags."""
+
+    model: str
+    store: str
+    worker_id: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 0
+    cluster_secret_file: str | None = None
+    tensor_parallel_size: int = 1
+    dtype: str = "float32"
+    device: str = "auto"
+    attention_backend: str = "auto"
+    cuda_graphs: bool | None = None
+    block_size: int = 16
+    num_kv_blocks: int | None = None
+    kv_cache_memory: int = 512 << 20
+    max_num_batched_tokens: int = 2048
+    max_num_seqs: int = 256
+    max_waiting_requests: int | None = None
+    transfer_backend: str = "nixl"
+    heartbeat_ttl: float = 10.0
+    prefill_timeout: float = 60.0
+    drain_grace: float = DrainPolicy.grace_s
+    drain_timeout: float = DrainPolicy.timeout_s
+    metrics_port: int | None = None
+    log_level: str = "INFO"
+    role: str | None = None
+    """Only for ``pdserve worker --role``; the role-specific entry points pass it to ``serve``."""
+    cluster_secret: bytes | None = field(default=None, repr=False)
+    """From the launcher (an actor argument), never a flag."""
+    store_password: str | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        for name in ("port", "block_size", "max_num_batched_tokens", "max_num_seqs", "tensor_parallel_size"):
+            value = getattr(self, name)
+            if value < (0 if name == "port" else 1):
+                raise ValueError(f"--{name.replace('_', '-')} must be >= {0 if name == 'port' else 1}, got {value}")
+        for name in ("heartbeat_ttl", "prefill_timeout"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
+        if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
+            raise ValueError(f"--max-waiting-requests must be >= 0, got {self.max_waiting_requests}")
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace, **credentials) -> WorkerConfig:
+        """From ``build_parser(...).parse_args(...)``; ``credentials``: cluster_secret,
+        store_password."""
+        return cls(**{**vars(args), **credentials})
+
+
 def model_identity(cfg: ModelConfig) -> pb.ModelIdentity:
     """Identify the weights by content of the config and the checkpoint's names and sizes."""
     d = Path(cfg.model_dir)
@@ -118,7 +173,7 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
+def engine_config(args: WorkerConfig) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig.from_dir(args.model),
         dtype=parse_dtype(args.dtype),
@@ -131,7 +186,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
     )
 
 
-def worker_info(args, role: int, worker_id: str, address: str, engine: LLMEngine, endpoint: pb.TransferEndpoint) -> pb.WorkerInfo:
+def worker_info(args: WorkerConfig, role: int, worker_id: str, address: str, engine: LLMEngine, endpoint: pb.TransferEndpoint) -> pb.WorkerInfo:
     cfg = engine.config
     m = cfg.model
     return pb.WorkerInfo(
@@ -156,7 +211,7 @@ class StorePeers:
         return await asyncio.to_thread(self.store.get_worker, worker_id)
 
 
-async def serve(args: argparse.Namespace, role_name: str, shutdown: Shutdown | None = None) -> None:
+async def serve(args: WorkerConfig, role_name: str, shutdown: Shutdown | None = None) -> None:
     """Serve until ``shutdown`` is requested (default: on SIGTERM/SIGINT)."""
     from pdserve.kvtransfer import worker as kvworker  # noqa: PLC0415 - transfer backends load on demand
 
@@ -168,7 +223,7 @@ async def serve(args: argparse.Namespace, role_name: str, shutdown: Shutdown | N
     auth.require_secret_beyond_loopback(args.host, secret, f"the {role_name} worker")
     if not auth.is_loopback(args.host) and args.host not in ("", "0.0.0.0", "::"):
         os.environ.setdefault("PDSERVE_KV_HOST", args.host)  # the KV agents bind where the worker serves
-    store = open_store(args.store, cluster_secret=secret, password=getattr(args, "store_password", None))
+    store = open_store(args.store, cluster_secret=secret, password=args.store_password)
     config = dataclasses.replace(
         engine_config(args),
         rank_extension=kvworker.EXTENSION,
@@ -202,7 +257,7 @@ async def serve(args: argparse.Namespace, role_name: str, shutdown: Shutdown | N
     address = f"{args.host}:{port}"
     info = worker_info(args, role, worker_id, address, engine, transport.endpoint())
     metrics = None
-    if getattr(args, "metrics_port", None) != -1:  # before registering: a taken port fails the start
+    if args.metrics_port != -1:  # before registering: a taken port fails the start
         from .worker_metrics import WorkerMetrics  # noqa: PLC0415
 
         metrics = WorkerMetrics(worker_id, role_name, aengine, services)
@@ -250,13 +305,12 @@ async def serve(args: argparse.Namespace, role_name: str, shutdown: Shutdown | N
         store.close()
 
 
-def cluster_secret(args: argparse.Namespace) -> bytes | None:
+def cluster_secret(args: WorkerConfig) -> bytes | None:
     """The worker's secret: the launcher's (``args.cluster_secret``, never a flag), else
     ``--cluster-secret-file``'s, else the environment's, else None."""
-    given = getattr(args, "cluster_secret", None)
-    if given is not None:
-        return given
-    if getattr(args, "cluster_secret_file", None):
+    if args.cluster_secret is not None:
+        return args.cluster_secret
+    if args.cluster_secret_file:
         return auth.read_secret_file(args.cluster_secret_file)
     return auth.load_secret()
 
@@ -325,7 +379,11 @@ async def _publish_kv_events(store: ControlPlaneStore, aengine: AsyncEngine, wor
 
 
 def main(role: str | None = None, argv: list[str] | None = None) -> int:
-    args = build_parser(role).parse_args(argv)
+    try:
+        args = WorkerConfig.from_args(build_parser(role).parse_args(argv))
+    except ValueError as e:
+        print(f"pdserve {role or 'worker'}: error: {e}", file=sys.stderr)
+        return 2
     role = role or args.role
     logging.basicConfig(level=args.log_level, format=f"%(asctime)s {role} %(levelname)s %(name)s: %(message)s")
     from .credentials import warn_if_password_in_url  # noqa: PLC0415

@@ -54,14 +54,14 @@ class WorkerActor:
         self._lock = threading.Lock()
 
     def start(self, timeout_s: float = 300.0) -> dict:
-        from pdserve.deploy.runner import build_parser  # noqa: PLC0415 - the engine loads in the actor
+        from pdserve.deploy.runner import WorkerConfig, build_parser  # noqa: PLC0415 - the engine loads in the actor
         from pdserve.deploy.store import open_store  # noqa: PLC0415
 
         if self._thread is not None:
             raise RuntimeError("worker already started")
-        args = build_parser(self.role).parse_args(self.argv)
-        args.cluster_secret = self._credentials.get("cluster_secret")
-        args.store_password = self._credentials.get("store_password")
+        args = WorkerConfig.from_args(build_parser(self.role).parse_args(self.argv),
+                                      cluster_secret=self._credentials.get("cluster_secret"),
+                                      store_password=self._credentials.get("store_password"))
         if not args.worker_id:
             raise ValueError("the launcher must name the worker (--worker-id)")
         self.worker_id = args.worker_id

@@ -1,0 +1,37 @@
+"""The worker's settings: every flag of ``build_parser`` is a WorkerConfig field (same
+name), values are validated once, and credentials never come from flags."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from pdserve.deploy.runner import WorkerConfig, build_parser, main
+
+
+@pytest.mark.parametrize("role", [None, "prefill", "decode"])
+def test_every_flag_is_a_field_and_defaults_agree(role):
+    argv = ["--model", "m", "--store", "grpc://127.0.0.1:1"] + (["--role", "decode"] if role is None else [])
+    args = build_parser(role).parse_args(argv)
+    config = WorkerConfig.from_args(args)
+    fields = {f.name: f for f in dataclasses.fields(WorkerConfig)}
+    for name, value in vars(args).items():
+        assert name in fields, name
+        assert getattr(config, name) == value
+        if fields[name].default is not dataclasses.MISSING:
+            assert fields[name].default == build_parser("decode").get_default(name), name
+    assert config.cluster_secret is None and "cluster_secret" not in {a.dest for a in build_parser(role)._actions}
+
+
+def test_credentials_are_arguments_not_flags_and_stay_out_of_repr():
+    args = build_parser("decode").parse_args(["--model", "m", "--store", "s"])
+    config = WorkerConfig.from_args(args, cluster_secret=b"k" * 32, store_password="pw")
+    assert config.cluster_secret == b"k" * 32 and "kkkk" not in repr(config) and "pw" not in repr(config)
+
+
+@pytest.mark.parametrize("flag,value", [("--block-size", "0"), ("--max-num-seqs", "0"), ("--port", "-1"),
+                                        ("--heartbeat-ttl", "0"), ("--max-waiting-requests", "-2")])
+def test_bad_values_exit_2_naming_the_flag(flag, value, capsys):
+    assert main("decode", ["--model", "m", "--store", "s", flag, value]) == 2
+    assert flag in capsys.readouterr().err
