@@ -15,52 +15,38 @@ Flow of one request (design, "One request", steps 1-3):
    is still open; the decode worker then aborts the request, on the prefill worker too,
    and frees its blocks.
 
-A background task refreshes the worker list from the control-plane store every
-``refresh_interval_s`` (and the workers' Stats for the router's load view); the store
-client is blocking, so it runs in a thread. Nothing here imports torch.
+The worker registry, channels and back-off live in ``workers.WorkerPool``; a
+``Generation`` uses the pool, not the gateway. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
-
-import grpc
 
 from pdserve.engine.sampling_params import SamplingParams
 from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proto import auth
-from pdserve.proto import pdserve_pb2 as pb
-from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 
 from . import sampling
-from .events import EventFollower
 from .metrics import GatewayMetrics
 from .policy import Router
 from .reasoning import get_reasoning_parser
 from .tool_parsers import get_tool_parser
 from .generation import Generation
+from .workers import WorkerPool
 from .limits import BodyBudget
 from .errors import APIError, invalid
 
 log = logging.getLogger("pdserve.gateway")
 
-CHANNEL_OPTIONS = [("grpc.max_receive_message_length", 64 << 20)]
-"""A first message carrying a long prompt's logprobs (k + 1 per prompt token) outgrows
-gRPC's default 4 MiB."""
-
 _TEMPLATE_RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
                                 "continue_final_message", "tokenize", "return_dict"})
 """Template variables the server sets itself; ``chat_template_kwargs`` cannot override them."""
 
-PREFILL_ROLES = (pb.PREFILL, pb.BOTH)
-DECODE_ROLES = (pb.DECODE, pb.BOTH)
 
 
 @dataclass(frozen=True)
@@ -160,7 +146,8 @@ class GatewayConfig:
 
 
 class Gateway:
-    """Owns the tokenizer, the router, the store client, the worker channels and metrics."""
+    """One API request's side: the tokenizer and limits, admission, and opening its
+    Generation on the worker pool (``workers.WorkerPool``: registry, channels, backoff)."""
 
     def __init__(self, config: GatewayConfig, router: Any = None) -> None:
         self.config = config
@@ -174,146 +161,24 @@ class Gateway:
         self.router = router or Router(policy=config.router_policy, block_size=config.block_size,
                                        disagg_threshold_tokens=config.disagg_threshold_tokens)
         self.metrics = GatewayMetrics()
-        self.workers: dict[str, pb.WorkerInfo] = {}
+        self.pool = WorkerPool(config, self.router, self.metrics)
         self.num_inflight = 0
         self.body_budget = BodyBudget(config.max_body_bytes_reading)
-        self._store = None
-        self._channels: dict[str, grpc.aio.Channel] = {}
-        self._tasks: list[asyncio.Task] = []
-        self._follower = None
         self._token_text: dict[int, str] = {}
-        self._refresh_failing = False
-        #: worker_id -> (started_at_ms, monotonic time until which it gets no new requests)
-        self._unavailable: dict[str, tuple[int, float]] = {}
 
     # -- lifecycle ----------------------------------------------------------------------
 
     async def start(self) -> None:
-        from pdserve.deploy.store import open_store  # noqa: PLC0415 - redis is imported only when used
-
-        self._store = await asyncio.to_thread(open_store, self.config.store_url,
-                                              cluster_secret=self.config.cluster_secret)
-        await self.refresh()
-        self._tasks.append(asyncio.create_task(self._refresh_loop(), name="gateway-refresh"))
-        if self.config.stats_interval_s > 0 and hasattr(self.router, "update_load"):
-            self._tasks.append(asyncio.create_task(self._stats_loop(), name="gateway-stats"))
-        await self._start_event_follower()
+        await self.pool.start()
 
     async def stop(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        self._tasks.clear()
-        if self._follower is not None:
-            await asyncio.to_thread(self._follower.stop)
-        for channel in self._channels.values():
-            await channel.close()
-        self._channels.clear()
-        if self._store is not None:
-            self._store.close()
-
-    async def _start_event_follower(self) -> None:
-        """Feed the router's prefix index from the store's KV events."""
-        index = getattr(self.router, "index", None)
-        if index is None:
-            return
-        self._follower = EventFollower(self._store, index)
-        self._follower.start()
-
-    # -- the worker view ----------------------------------------------------------------
-
-    async def refresh(self) -> None:
-        try:
-            workers = await asyncio.to_thread(self._store.list_workers)
-        except Exception as e:  # noqa: BLE001 - keep the last known view; retried next interval
-            if not self._refresh_failing:
-                log.warning("listing workers failed (keeping the last known %d): %s", len(self.workers), e)
-            self._refresh_failing = True
-            return
-        self._refresh_failing = False
-        # Draining workers keep their channels (their streams run on) but get no new requests.
-        self.workers = {w.worker_id: w for w in workers}
-        self._update_router()
-        for w in workers:
-            if w.kv_layout.block_size and w.kv_layout.block_size != self.config.block_size:
-                log.warning("worker %s uses block_size %d, the gateway %d: prefix routing will miss",
-                            w.worker_id, w.kv_layout.block_size, self.config.block_size)
-        routable = [w for w in workers if not w.draining]
-        self.metrics.workers.labels("prefill").set(sum(w.role in PREFILL_ROLES for w in routable))
-        self.metrics.workers.labels("decode").set(sum(w.role in DECODE_ROLES for w in routable))
-        addresses = {w.address for w in workers}
-        for address in [a for a in self._channels if a not in addresses]:
-            await self._channels.pop(address).close()
-
-    def _update_router(self) -> None:
-        now = time.monotonic()
-        for wid, (started_at_ms, until) in list(self._unavailable.items()):
-            w = self.workers.get(wid)
-            if now >= until or w is None or w.started_at_ms != started_at_ms:
-                del self._unavailable[wid]
-        live = [w for w in self.workers.values() if not w.draining]
-        routable = [w for w in live if w.worker_id not in self._unavailable]
-        if not any(w.role in DECODE_ROLES for w in routable):
-            routable = live  # a suspect worker beats none: its call fails or it recovered
-        self.router.update_workers(routable)
-
-    def metrics_targets(self) -> list[dict[str, Any]]:
-        """The workers' Prometheus endpoints in ``http_sd_configs`` form."""
-        out = []
-        for w in sorted(self.workers.values(), key=lambda w: w.worker_id):
-            if not w.metrics_url:
-                continue
-            url = urlsplit(w.metrics_url)
-            out.append({"targets": [url.netloc], "labels": {
-                "__metrics_path__": url.path or "/metrics", "worker_id": w.worker_id,
-                "role": pb.Role.Name(w.role).lower(), "draining": str(w.draining).lower()}})
-        return out
-
-    def mark_unavailable(self, worker_id: str) -> None:
-        """A worker refused a call (UNAVAILABLE) or broke a stream: route around it for a while."""
-        w = self.workers.get(worker_id)
-        if w is not None:
-            self._unavailable[worker_id] = (w.started_at_ms, time.monotonic() + self.config.unavailable_backoff_s)
-            self._update_router()
-
-    async def _refresh_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.refresh_interval_s)
-            await self.refresh()
-
-    async def _stats_loop(self) -> None:
-        while True:
-            await asyncio.sleep(self.config.stats_interval_s)
-            await asyncio.gather(*(self._poll_stats(w) for w in list(self.workers.values())))
-
-    async def _poll_stats(self, worker: pb.WorkerInfo) -> None:
-        channel = self.channel(worker.address)
-        stub = pb_grpc.DecodeStub(channel) if worker.role in DECODE_ROLES else pb_grpc.PrefillStub(channel)
-        try:
-            stats = await stub.Stats(pb.StatsRequest(), timeout=1.0)
-        except grpc.aio.AioRpcError as e:
-            log.debug("Stats of %s failed: %s", worker.worker_id, e.code().name)
-            return
-        self.router.update_load(worker.worker_id, stats)
+        await self.pool.stop()
 
     async def ready(self) -> dict[str, Any]:
-        """``{"ready": bool, "prefill": n, "decode": n}`` from a fresh look at the store."""
-        try:
-            workers = await asyncio.wait_for(asyncio.to_thread(self._store.list_workers), timeout=5.0)
-        except Exception as e:  # noqa: BLE001 - not ready is the answer
-            return {"ready": False, "prefill": 0, "decode": 0, "reason": f"control-plane store: {e}"}
-        workers = [w for w in workers if not w.draining]
-        num_prefill = sum(w.role in PREFILL_ROLES for w in workers)
-        num_decode = sum(w.role in DECODE_ROLES for w in workers)
-        # Decode workers alone serve (they prefill locally); prefill workers alone cannot.
-        return {"ready": num_decode >= 1, "prefill": num_prefill, "decode": num_decode}
+        return await self.pool.ready()
 
-    def channel(self, address: str) -> grpc.aio.Channel:
-        channel = self._channels.get(address)
-        if channel is None:
-            channel = self._channels[address] = auth.aio_insecure_channel(address, self.config.cluster_secret,
-                                                                          options=CHANNEL_OPTIONS)
-        return channel
+    def metrics_targets(self) -> list[dict[str, Any]]:
+        return self.pool.metrics_targets()
 
     # -- admission and input ----------------------------------------------------------------
 
@@ -406,7 +271,7 @@ class Gateway:
 
     def generate(self, prompts: list[list[int]], params: SamplingParams, arrival: float) -> Generation:
         """Route every prompt and open its Generate call; 503 when no worker can take it."""
-        gen = Generation(self, params, arrival)
+        gen = Generation(self.pool, params, arrival)
         try:
             for i, prompt_ids in enumerate(prompts):
                 gen.open(i, prompt_ids)

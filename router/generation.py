@@ -7,7 +7,8 @@ prefill worker too, and frees its blocks.
 Failures, by when they happen:
 
 1. Before the worker sent anything, it refused the call (``UNAVAILABLE``: draining,
-   crashed, restarting): the prompt is routed again, up to ``max_retries`` times.
+   crashed, restarting; ``RESOURCE_EXHAUSTED``: its queue is full): the prompt is
+   routed again, the worker routed around for a while, up to ``max_retries`` times.
 2. After it started (the stream breaks: ``UNAVAILABLE``, ``CANCELLED`` by a stopping
    server, or it ends with completions unfinished), each unfinished completion is
    *migrated*: resumed as its own ``n = 1`` call on a worker the router picks (the
@@ -25,7 +26,8 @@ that arrived at once (``ready``) and writes it merged per choice (``coalesce``),
 lagging costs fewer writes, not more. A prompt's block hashes, which the router looks
 up in its prefix index, are salted with the request's ``cache_salt`` exactly as the
 workers salt the blocks they report, so a salted prompt only ever matches blocks of its
-own salt. Nothing here imports torch.
+own salt. A Generation works on a ``workers.WorkerPool`` (routing, channels, back-off),
+never on the gateway. Nothing here imports torch.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ from .policy import NoWorkersError
 from .errors import APIError, invalid
 
 if TYPE_CHECKING:
-    from .gateway import Gateway
+    from .workers import WorkerPool
 
 log = logging.getLogger("pdserve.gateway")
 
@@ -132,8 +134,8 @@ class Generation:
     ``cancel()`` (idempotent) in a ``finally``: it cancels whatever is still open.
     """
 
-    def __init__(self, gateway: Gateway, params: SamplingParams, arrival: float) -> None:
-        self.gateway = gateway
+    def __init__(self, pool: WorkerPool, params: SamplingParams, arrival: float) -> None:
+        self.pool = pool
         self.params = params
         self.arrival = arrival
         self.request_id = uuid.uuid4().hex
@@ -165,7 +167,7 @@ class Generation:
     def open(self, i: int, prompt_ids: list[int]) -> None:
         """Route prompt ``i`` and open its Generate call (503 when no worker can take it)."""
         n = self.params.n
-        self.gateway.metrics.prompt_tokens.inc(len(prompt_ids))
+        self.pool.metrics.prompt_tokens.inc(len(prompt_ids))
         self.num_prompt_tokens += len(prompt_ids)
         self._num_open += n
         self._prompts[i] = prompt_ids
@@ -174,7 +176,7 @@ class Generation:
     def _start(self, i: int, choices: list[_Choice], attempt: int, is_resume: bool) -> None:
         """Route and open one Generate call: prompt ``i`` for ``choices``, or (``is_resume``)
         the one choice's completion continued from the tokens the client has."""
-        gw = self.gateway
+        gw = self.pool
         prompt_ids = self._prompts[i]
         routed_ids = prompt_ids + choices[0].token_ids if is_resume else prompt_ids
         hashes = block_hashes(routed_ids, gw.config.block_size, self._salt)
@@ -242,7 +244,7 @@ class Generation:
         except grpc.aio.AioRpcError as e:
             code = e.code()
             if (code in _RETRY_ON and call.num_received == 0 and not call.is_resume
-                    and call.attempt < self.gateway.config.max_retries):
+                    and call.attempt < self.pool.config.max_retries):
                 self._retry(call, e)
             elif code in _MIGRATE_ON and (call.num_received or call.is_resume):
                 self._migrate(call, _MIGRATE_ON[code], f"{code.name}: {e.details()}")
@@ -257,8 +259,8 @@ class Generation:
         """The decode worker refused before sending anything (draining, gone): it did no
         work the client saw, so the prompt goes to another worker."""
         log.info("request %s: %s unavailable (%s); routing again", self.request_id, call.worker_id, e.details())
-        self.gateway.mark_unavailable(call.worker_id)
-        self.gateway.metrics.retries.inc()
+        self.pool.mark_unavailable(call.worker_id)
+        self.pool.metrics.retries.inc()
         self._release(call)
         if self._closed:
             return
@@ -270,7 +272,7 @@ class Generation:
     def _migrate(self, call: _Call, reason: str, why: str) -> None:
         """The call broke after it started (or while resuming): resume each of its
         unfinished completions on another worker, from what the client has."""
-        gw = self.gateway
+        gw = self.pool
         unfinished = [c for c in call.choices if not c.is_finished]
         log.warning("request %s: the stream on %s broke after %d messages (%s); resuming %d completion(s)",
                     self.request_id, call.worker_id, call.num_received, why, len(unfinished))
@@ -302,18 +304,18 @@ class Generation:
             return
         call.is_released = True
         try:
-            self.gateway.router.on_finished(call.decision, call.routed_ids)
+            self.pool.router.on_finished(call.decision, call.routed_ids)
         except Exception:  # noqa: BLE001 - bookkeeping must not fail the request
             log.exception("router.on_finished failed")
 
     def _rpc_error(self, e: grpc.aio.AioRpcError, worker_id: str) -> APIError:
         code = e.code()
-        retry = {"Retry-After": str(self.gateway.config.retry_after_s)}
+        retry = {"Retry-After": str(self.pool.config.retry_after_s)}
         if code == grpc.StatusCode.INVALID_ARGUMENT:
             return invalid(e.details() or "invalid request")
         log.warning("request %s: Generate on %s failed: %s %s", self.request_id, worker_id, code.name, e.details())
         if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-            return APIError(504, f"the request did not finish within {self.gateway.config.request_timeout_s:g} s",
+            return APIError(504, f"the request did not finish within {self.pool.config.request_timeout_s:g} s",
                             type="server_error", code="timeout")
         if code == grpc.StatusCode.RESOURCE_EXHAUSTED:  # its queue is full: back-pressure
             return APIError(503, f"the decode workers are overloaded (request {self.request_id}); retry later",
@@ -335,7 +337,7 @@ class Generation:
             return item
         if not self._done:
             self._done = True
-            self.gateway.metrics.e2e.observe(time.monotonic() - self.arrival)
+            self.pool.metrics.e2e.observe(time.monotonic() - self.arrival)
             self.cancel()
         return None
 
@@ -357,7 +359,7 @@ class Generation:
         if not delta.token_ids:
             return
         now = time.monotonic()
-        metrics = self.gateway.metrics
+        metrics = self.pool.metrics
         if self._first_token_at is None:
             self._first_token_at = now
             metrics.ttft.observe(now - self.arrival)
