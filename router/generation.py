@@ -250,6 +250,11 @@ class Generation:
                 self._migrate(call, _MIGRATE_ON[code], f"{code.name}: {e.details()}")
             else:
                 self._queue.put_nowait(self._rpc_error(e, call.worker_id))
+        except asyncio.CancelledError:
+            if asyncio.current_task().cancelling():
+                raise  # cancelled ourselves (the request ended): nothing to report
+            # The call was cancelled under us (its channel closed): a broken stream.
+            self._migrate(call, "cancelled", "the call was cancelled locally (channel closed)")
         except Exception:  # noqa: BLE001 - never leave next() waiting
             log.exception("request %s: reading the stream of %s failed", self.request_id, call.worker_id)
             self._queue.put_nowait(APIError(500, f"internal error (request {self.request_id})",

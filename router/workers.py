@@ -54,6 +54,8 @@ class WorkerPool:
         self._tasks: list[asyncio.Task] = []
         self._follower = None
         self._refresh_failing = False
+        #: address -> monotonic time it was first missing from the registry (its channel kept)
+        self._vanished: dict[str, float] = {}
         #: worker_id -> (started_at_ms, monotonic time until which it gets no new requests)
         self._unavailable: dict[str, tuple[int, float]] = {}
 
@@ -112,9 +114,18 @@ class WorkerPool:
         routable = [w for w in workers if not w.draining]
         self.metrics.workers.labels("prefill").set(sum(w.role in PREFILL_ROLES for w in routable))
         self.metrics.workers.labels("decode").set(sum(w.role in DECODE_ROLES for w in routable))
+        # A vanished worker's channel stays open while a stream may still run on it (the
+        # registry can empty out from under live workers: a store restarted empty); closing
+        # it would cancel those streams. It is closed once absent for a request's lifetime.
+        now = time.monotonic()
         addresses = {w.address for w in workers}
+        for address in addresses:
+            self._vanished.pop(address, None)
         for address in [a for a in self._channels if a not in addresses]:
-            await self._channels.pop(address).close()
+            since = self._vanished.setdefault(address, now)
+            if now - since > self.config.request_timeout_s:
+                del self._vanished[address]
+                await self._channels.pop(address).close()
 
     def _update_router(self) -> None:
         now = time.monotonic()
