@@ -256,7 +256,10 @@ def test_migrations_are_bounded_when_every_decode_worker_dies(cluster):
 
     def kill_both(k: int) -> None:
         if k == KILL_AFTER:
-            for w in list(cluster.decode):
+            # The idle one first: killing the serving one first would let its completion
+            # migrate to the other and finish there before that one died (a slow client thread).
+            serving = cluster.serving()
+            for w in [w for w in cluster.decode if w is not serving] + [serving]:
                 cluster.kill(w, replace=False)
 
     out = Stream(cluster.url, {"model": cluster.model_dir.name, "prompt": SHORT, "max_tokens": 64,
