@@ -3,7 +3,7 @@ decode workers, tiny model, NIXL) under a mixed streaming chat load while a work
 SIGKILLed every ``--kill-every`` seconds and the PoolScaler replaces it.
 
     python benchmarks/bench_soak.py [--duration 600] [--kill-every 20] [--clients 4]
-        [--home DIR] [--seed 0]
+        [--home DIR] [--seed 0] [--up-log FILE]
 
 Prints the counts: requests completed (each checked against the offline engine), failed
 before their first token, failed after content (must be 0), migrations (the gateway's
@@ -33,6 +33,7 @@ def main() -> int:
     ap.add_argument("--baseline", type=float, default=20.0, help="seconds of the fault-free baseline window")
     ap.add_argument("--home", default=None, help="PDSERVE_HOME for this run (default: a temporary directory)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--up-log", default=None, help="write `pdserve up`'s stderr (gateway, scaler, workers) here")
     args = ap.parse_args()
 
     config = SoakConfig(num_clients=args.clients, baseline_s=args.baseline, kill_every_s=args.kill_every,
@@ -41,6 +42,8 @@ def main() -> int:
         home = Path(args.home) if args.home else Path(tmp) / "home"
         t0 = time.monotonic()
         report = run_soak(config, home, log=lambda m: print(m, flush=True))
+    if args.up_log:
+        Path(args.up_log).write_text(report.up_log)
     print(report.format())
     for k in report.kills:
         replaced = "never" if k.replaced_at is None else f"{k.replacement_id} after {k.replaced_at - k.at:.1f} s"
