@@ -6,9 +6,10 @@ because ``pdserve.router.policy`` works on protobuf worker records. One differen
 router reads the workers' exact current load (the real one reads Stats reports up to a
 second old plus its own decisions since).
 
-- ``kv``: decode worker D = argmin of ``cost.decode_cost``; D prefills locally when it
-  lacks fewer than ``disagg_threshold_tokens`` prompt tokens, else prefill worker P =
-  argmin of ``cost.prefill_cost``.
+- ``kv``: decode worker D = the cheapest by ``cost.decode_costs``; D prefills locally
+  when it lacks fewer than ``disagg_threshold_tokens`` prompt tokens, else prefill
+  worker P = the cheapest by ``cost.prefill_costs``. ``weights`` carries the imbalance
+  thresholds (``CostWeights().always_balancing()`` is the old, wait-based cost).
 - ``round_robin`` / ``random`` / ``least_loaded``: no cache knowledge; remote prefill
   whenever the prompt has at least ``disagg_threshold_tokens`` tokens.
 
@@ -20,7 +21,7 @@ from __future__ import annotations
 import random
 from typing import Sequence
 
-from pdserve.router.cost import CostWeights, decode_cost, pick, prefill_cost
+from pdserve.router.cost import CostWeights, DecodeCandidate, PrefillCandidate, choose, decode_costs, prefill_costs
 
 from .sim_workers import DecodeWorker, PrefillWorker
 
@@ -30,7 +31,8 @@ POLICIES = ("kv", "round_robin", "random", "least_loaded")
 
 class SimRouter:
     def __init__(self, policy: str, decode: Sequence[DecodeWorker], prefill: Sequence[PrefillWorker],
-                 block_size: int, disagg_threshold_tokens: int, seed: int = 0, overlap_weight: float = 1.0) -> None:
+                 block_size: int, disagg_threshold_tokens: int, seed: int = 0,
+                 weights: CostWeights | None = None) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}: choose one of {', '.join(POLICIES)}")
         self.policy = policy
@@ -38,8 +40,7 @@ class SimRouter:
         self.prefill = list(prefill)
         self.block_size = block_size
         self.threshold = disagg_threshold_tokens
-        self.overlap_weight = overlap_weight
-        self.weights = CostWeights(overlap_weight=overlap_weight)
+        self.weights = weights or CostWeights()
         self._rng = random.Random(seed)
         self._rr_decode = 0
         self._rr_prefill = 0
@@ -61,22 +62,21 @@ class SimRouter:
         bs = self.block_size
         max_hit = min(len(hashes), (n - 1) // bs)
         w = self.weights
-        costs = []
+        cands = []
         hits = {}
         for d in self.decode:
             hit = hits[d] = d.view.match(hashes, max_hit, now) if max_hit else 0
             waiting_blocks = sum(-(-s.prompt_len // bs) for s in d.waiting)
-            costs.append((decode_cost(w, prompt_tokens=n, hit_blocks=hit, block_size=bs,
-                                      used_tokens=(d.num_total_blocks - d.num_free_blocks) * bs,
-                                      requests=d.num_requests(), queued_prefill_tokens=d.num_queued_prefill_tokens(),
-                                      free_blocks=d.num_free_blocks - waiting_blocks,
-                                      total_blocks=d.num_total_blocks), d))
-        d = pick(costs, self._rng)
+            cands.append(DecodeCandidate(hit_blocks=hit, used_tokens=(d.num_total_blocks - d.num_free_blocks) * bs,
+                                         requests=d.num_requests(), queued_prefill_tokens=d.num_queued_prefill_tokens(),
+                                         free_blocks=d.num_free_blocks - waiting_blocks,
+                                         total_blocks=d.num_total_blocks))
+        d = choose(decode_costs(w, n, bs, cands), self.decode, self._rng)
         p = None
         if n - hits[d] * bs >= self.threshold and self.prefill:
-            p = pick([(prefill_cost(w, prompt_tokens=n, hit_blocks=x.view.match(hashes, max_hit, now) if max_hit else 0,
-                                    block_size=bs, queued_prefill_tokens=x.num_queued_tokens), x)
-                      for x in self.prefill], self._rng)
+            pcands = [PrefillCandidate(x.view.match(hashes, max_hit, now) if max_hit else 0, x.num_queued_tokens)
+                      for x in self.prefill]
+            p = choose(prefill_costs(w, n, bs, pcands), self.prefill, self._rng)
         full = hashes[: n // bs]
         if full:
             d.view.add_optimistic(full, now)

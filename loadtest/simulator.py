@@ -27,8 +27,10 @@ from __future__ import annotations
 
 import heapq
 import itertools
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Sequence
+
+from pdserve.router.cost import CostWeights
 
 from .profile import Profile
 from .sim_costs import WorkerCosts
@@ -85,6 +87,18 @@ class ClusterConfig:
     #: worker of the other role computes. Judged when the iteration starts.
     shared_cpus: int | None = None
     seed: int = 0
+    #: The kv policy's imbalance thresholds (``pdserve.router.cost.CostWeights``); None:
+    #: the router's defaults. 0 and 1.0 everywhere: the old, always-balancing cost.
+    balance_abs_tokens: int | None = None
+    balance_rel: float | None = None
+    decode_balance_abs_tokens: int | None = None
+    decode_balance_rel: float | None = None
+
+    @property
+    def cost_weights(self) -> CostWeights:
+        given = {k: getattr(self, k) for k in ("balance_abs_tokens", "balance_rel", "decode_balance_abs_tokens",
+                                               "decode_balance_rel") if getattr(self, k) is not None}
+        return replace(CostWeights(), **given)  # validates
 
     def __post_init__(self) -> None:
         if self.num_prefill < 0:
@@ -105,6 +119,7 @@ class ClusterConfig:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.disagg_threshold_tokens is not None and self.disagg_threshold_tokens < 0:
             raise ValueError(f"disagg_threshold_tokens must be >= 0, got {self.disagg_threshold_tokens}")
+        self.cost_weights  # noqa: B018 - raises ValueError on a bad threshold
 
     @property
     def num_gpus(self) -> int:
@@ -156,7 +171,8 @@ class _Simulation:
                        for i in range(config.num_decode)]
         threshold = dep.disagg_threshold_tokens if config.disagg_threshold_tokens is None \
             else config.disagg_threshold_tokens
-        self.router = SimRouter(config.policy, self.decode, self.prefill, dep.block_size, threshold, config.seed)
+        self.router = SimRouter(config.policy, self.decode, self.prefill, dep.block_size, threshold, config.seed,
+                                weights=config.cost_weights)
         self.results: list[RequestResult] = []
         self.on_done = None
         self.followers: dict[int, list[SimRequest]] = {}

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ from pdserve.engine.tokenizer import Tokenizer
 from pdserve.proto import auth
 
 from . import sampling
+from .cost import CostWeights
 from .metrics import GatewayMetrics
 from .policy import Router
 from .reasoning import get_reasoning_parser
@@ -43,6 +44,7 @@ from .errors import APIError, invalid
 
 log = logging.getLogger("pdserve.gateway")
 
+_COST_DEFAULTS = CostWeights()
 _TEMPLATE_RESERVED = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token",
                                 "continue_final_message", "tokenize", "return_dict"})
 """Template variables the server sets itself; ``chat_template_kwargs`` cannot override them."""
@@ -66,6 +68,16 @@ class GatewayConfig:
     """Tokens per KV block; must equal the workers' (hashes are per full block)."""
     disagg_threshold_tokens: int = 256
     """Uncached prompt tokens from which prefill runs on a prefill worker."""
+    balance_abs_tokens: int = _COST_DEFAULTS.balance_abs_tokens
+    """kv policy, prefill side: queued prefill tokens a worker may have above the least
+    loaded one before its load counts against its prefix hits (``cost.py``)."""
+    balance_rel: float = _COST_DEFAULTS.balance_rel
+    """... and the ratio to the least loaded one's queue it must exceed as well."""
+    decode_balance_abs_tokens: int = _COST_DEFAULTS.decode_balance_abs_tokens
+    """kv policy, decode side: the same absolute threshold over the decode load (KV
+    tokens used + 256 per running request + queued prefill tokens)."""
+    decode_balance_rel: float = _COST_DEFAULTS.decode_balance_rel
+    """... and its relative threshold."""
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int | None = None
     """Longest accepted prompt; default: the context length minus one."""
@@ -135,10 +147,17 @@ class GatewayConfig:
                 raise ValueError(f"{name} must be >= 0, got {value!r}")
         if self.max_prompt_tokens is not None and self.max_prompt_tokens < 1:
             raise ValueError(f"max_prompt_tokens must be >= 1, got {self.max_prompt_tokens!r}")
+        self.cost_weights  # noqa: B018 - ValueError naming a bad threshold
         if self.tool_call_parser is not None:
             get_tool_parser(self.tool_call_parser)  # ValueError naming the known ones
         if self.reasoning_parser is not None:
             get_reasoning_parser(self.reasoning_parser)
+
+    @property
+    def cost_weights(self) -> CostWeights:
+        return replace(_COST_DEFAULTS, balance_abs_tokens=self.balance_abs_tokens, balance_rel=self.balance_rel,
+                       decode_balance_abs_tokens=self.decode_balance_abs_tokens,
+                       decode_balance_rel=self.decode_balance_rel)
 
     @property
     def model_name(self) -> str:
@@ -159,7 +178,10 @@ class Gateway:
         self.tool_parser = get_tool_parser(config.tool_call_parser) if config.tool_call_parser else None
         self.reasoning_parser = get_reasoning_parser(config.reasoning_parser) if config.reasoning_parser else None
         self.router = router or Router(policy=config.router_policy, block_size=config.block_size,
-                                       disagg_threshold_tokens=config.disagg_threshold_tokens)
+                                       disagg_threshold_tokens=config.disagg_threshold_tokens,
+                                       balance_abs_tokens=config.balance_abs_tokens, balance_rel=config.balance_rel,
+                                       decode_balance_abs_tokens=config.decode_balance_abs_tokens,
+                                       decode_balance_rel=config.decode_balance_rel)
         self.metrics = GatewayMetrics()
         self.pool = WorkerPool(config, self.router, self.metrics)
         self.num_inflight = 0

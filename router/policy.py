@@ -9,17 +9,18 @@ Policies, chosen when the :class:`Router` is built: ``kv`` (default), ``round_ro
    is a candidate only when it is BOTH, and choosing it means a local prefill).
 
 ``kv``
-    Uses the global :class:`~pdserve.router.index.PrefixIndex` (KV events + the
-    router's own recent decisions) to know how much of the prompt each worker holds.
-    D = argmin of the *decode cost* (``cost.decode_cost``, token units: the KV it uses,
-    its running requests and queued prefill, the prompt tokens it lacks, and a steep
-    penalty once its free KV would drop below ``free_reserve_frac``; the same function
-    drives the planner's simulator). Then D prefills locally when the
-    prompt tokens D lacks are fewer than ``disagg_threshold_tokens`` (moving a few
-    blocks over the network costs more than computing them) or no prefill candidate
-    exists; otherwise P = argmin of ``cost.prefill_cost`` (the prompt tokens P lacks,
-    behind its queued prefill tokens). After deciding, the prompt's block hashes are
-    inserted into the index as optimistic entries for P and D, so the next request
+    Uses the global :class:`~pdserve.router.index.PrefixIndex` (KV events, other
+    gateways' placements, and the router's own recent decisions) to know how much of
+    the prompt each worker holds, cached or still in flight. D = the cheapest decode
+    candidate by ``cost.decode_costs``: the prompt tokens it lacks (cluster work), its
+    load only past the decode imbalance thresholds, and a steep penalty once its free
+    KV would drop below ``free_reserve_frac`` (the same function drives the planner's
+    simulator). Then D prefills locally when the prompt tokens D lacks are fewer than
+    ``disagg_threshold_tokens`` (moving a few blocks over the network costs more than
+    computing them) or no prefill candidate exists; otherwise P = the cheapest by
+    ``cost.prefill_costs`` (the prompt tokens P lacks; its queued prefill tokens only
+    past the prefill imbalance thresholds). After deciding, the prompt's block hashes
+    are inserted into the index as optimistic entries for P and D, so the next request
     of the same family follows before the workers' events arrive.
 ``round_robin`` / ``random``
     D and P in turn / uniformly at random (seeded). No cache knowledge: remote
@@ -52,12 +53,13 @@ from typing import Callable, Sequence
 from pdserve.engine.hashing import block_hashes as compute_block_hashes
 from pdserve.proto import pdserve_pb2 as pb
 
-from .cost import CostWeights, decode_cost, pick, prefill_cost
+from .cost import CostWeights, DecodeCandidate, PrefillCandidate, choose, decode_costs, prefill_costs
 from .index import DEFAULT_OPTIMISTIC_TTL_S, PrefixIndex
 
 __all__ = ["POLICIES", "NoWorkersError", "Router", "RoutingDecision"]
 
 POLICIES = ("kv", "round_robin", "random", "least_loaded")
+_DEFAULTS = CostWeights()
 
 _DECODE_ROLES = (pb.DECODE, pb.BOTH)
 _PREFILL_ROLES = (pb.PREFILL, pb.BOTH)
@@ -135,6 +137,10 @@ class Router:
     :meth:`on_finished` once per request routed. ``index`` is the prefix index an
     :class:`~pdserve.router.events.EventFollower` should feed.
 
+    ``balance_abs_tokens`` / ``balance_rel`` (prefill) and ``decode_balance_abs_tokens`` /
+    ``decode_balance_rel`` (decode): the imbalance thresholds past which load counts
+    against locality (``cost.CostWeights``).
+
     Keyword knobs beyond the gateway's: ``decode_request_tokens`` (the cost of one
     running request on a decode worker, in tokens), ``free_reserve_frac`` (free-KV
     fraction below which a decode worker is penalised), ``optimistic_ttl_s``,
@@ -156,6 +162,10 @@ class Router:
         index: PrefixIndex | None = None,
         clock: Callable[[], float] = time.monotonic,
         max_tracked: int = 100_000,
+        balance_abs_tokens: int = _DEFAULTS.balance_abs_tokens,
+        balance_rel: float = _DEFAULTS.balance_rel,
+        decode_balance_abs_tokens: int = _DEFAULTS.decode_balance_abs_tokens,
+        decode_balance_rel: float = _DEFAULTS.decode_balance_rel,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}: choose one of {', '.join(POLICIES)}")
@@ -163,17 +173,15 @@ class Router:
             raise ValueError(f"block_size must be >= 1, got {block_size}")
         if disagg_threshold_tokens < 0:
             raise ValueError(f"disagg_threshold_tokens must be >= 0, got {disagg_threshold_tokens}")
-        if overlap_weight < 0:
-            raise ValueError(f"overlap_weight must be >= 0, got {overlap_weight}")
-        if not 0 <= free_reserve_frac < 1:
-            raise ValueError(f"free_reserve_frac must be in [0, 1), got {free_reserve_frac}")
         self.policy = policy
         self.block_size = int(block_size)
         self.disagg_threshold_tokens = int(disagg_threshold_tokens)
         self.overlap_weight = float(overlap_weight)
         self.decode_request_tokens = int(decode_request_tokens)
         self.free_reserve_frac = float(free_reserve_frac)
-        self.weights = CostWeights(self.overlap_weight, self.decode_request_tokens, self.free_reserve_frac)
+        self.weights = CostWeights(self.overlap_weight, self.decode_request_tokens, self.free_reserve_frac,
+                                   int(balance_abs_tokens), float(balance_rel), int(decode_balance_abs_tokens),
+                                   float(decode_balance_rel))  # validates
         self.seed = seed
         self.index = index if index is not None else PrefixIndex(optimistic_ttl_s=optimistic_ttl_s, clock=clock)
         self._rng = random.Random(seed)
@@ -276,27 +284,26 @@ class Router:
         matches = self.index.match(hashes[:max_hit_blocks]) if max_hit_blocks else {}
 
         w = self.weights
-        costs = []
+        cands = []
         for wid in self._decode_ids:
             ld = self._load.get(wid) or _EMPTY_LOAD
             total = ld.total_blocks if ld.has_stats else self._workers[wid].num_kv_blocks
             free = (ld.free_blocks if ld.has_stats else total) - (-(-ld.dec_tok // bs) if ld.dec_tok > 0 else 0)
-            costs.append((decode_cost(w, prompt_tokens=n, hit_blocks=matches.get(wid, 0), block_size=bs,
-                                      used_tokens=ld.used_tokens(bs), requests=ld.requests(),
-                                      queued_prefill_tokens=ld.queued_prefill_tokens(), free_blocks=free,
-                                      total_blocks=total), wid))
-        d = pick(costs, self._rng)
+            cands.append(DecodeCandidate(hit_blocks=matches.get(wid, 0), used_tokens=ld.used_tokens(bs),
+                                         requests=ld.requests(), queued_prefill_tokens=ld.queued_prefill_tokens(),
+                                         free_blocks=free, total_blocks=total))
+        d = choose(decode_costs(w, n, bs, cands), self._decode_ids, self._rng)
         cached_d = matches.get(d, 0) * bs
 
         p = None
         cached_p = cached_d
         if n - cached_d >= self.disagg_threshold_tokens:
-            costs = [(prefill_cost(w, prompt_tokens=n, hit_blocks=matches.get(wid, 0), block_size=bs,
-                                   queued_prefill_tokens=(self._load.get(wid) or _EMPTY_LOAD).queued_prefill_tokens()),
-                      wid)
-                     for wid in self._prefill_ids if wid != d or wid in self._both]
-            if costs:
-                choice = pick(costs, self._rng)
+            ids = [wid for wid in self._prefill_ids if wid != d or wid in self._both]
+            if ids:
+                pcands = [PrefillCandidate(matches.get(wid, 0),
+                                           (self._load.get(wid) or _EMPTY_LOAD).queued_prefill_tokens())
+                          for wid in ids]
+                choice = choose(prefill_costs(w, n, bs, pcands), ids, self._rng)
                 if choice != d:
                     p = choice
                     cached_p = matches.get(p, 0) * bs

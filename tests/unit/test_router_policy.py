@@ -266,14 +266,77 @@ def test_kv_own_inflight_estimate_spreads_a_burst():
     assert prefill_counts == {"p0": 4, "p1": 4}
 
 
-def test_kv_prefill_cost_uses_reported_queue_and_overlap_weight():
+def test_kv_prefill_load_counts_only_past_the_imbalance_thresholds():
     prefix = prompt(21, 640)
     p = prefix + prompt(22, 200)
-    for queued, weight, want in ((0, 1.0, "p0"), (700, 1.0, "p1"), (700, 2.0, "p0")):
-        r = cluster("kv", n_decode=1, n_prefill=2, overlap_weight=weight)
+    # (queued on p0, overlap weight, thresholds, want): p0 holds 640 of the 840 tokens
+    always = {"balance_abs_tokens": 0, "balance_rel": 1.0}
+    for queued, weight, kw, want in ((0, 1.0, {}, "p0"),
+                                     (700, 1.0, {}, "p0"),  # below the threshold: locality
+                                     (700, 1.0, always, "p1"),  # the old cost: 200 + 700 > 840
+                                     (700, 2.0, always, "p0"),
+                                     (5000, 1.0, {}, "p1"),  # past both thresholds: 200 + 5000 > 840
+                                     (5000, 1.0, {"balance_abs_tokens": 8192}, "p0")):
+        r = cluster("kv", n_decode=1, n_prefill=2, overlap_weight=weight, **kw)
         r.index.add_blocks("p0", block_hashes(prefix, BS))
         r.update_load("p0", pb.StatsResponse(num_queued_prefill_tokens=queued))
-        assert r.route(p).prefill_worker_id == want, (queued, weight)
+        assert r.route(p).prefill_worker_id == want, (queued, weight, kw)
+
+
+def test_kv_relative_threshold_needs_both():
+    prefix = prompt(23, 640)
+    p = prefix + prompt(24, 200)
+    # p0 holds the prefix with 10000 queued, p1 has 8000: 2000 apart (< 4096), ratio 1.25 (< 1.5)
+    for q0, q1, want in ((10000, 8000, "p0"), (30000, 8000, "p1"), (10000, 1000, "p1")):
+        r = cluster("kv", n_decode=1, n_prefill=2)
+        r.index.add_blocks("p0", block_hashes(prefix, BS))
+        r.update_load("p0", pb.StatsResponse(num_queued_prefill_tokens=q0))
+        r.update_load("p1", pb.StatsResponse(num_queued_prefill_tokens=q1))
+        assert r.route(p).prefill_worker_id == want, (q0, q1)
+
+
+def test_kv_follower_waits_for_the_prefix_in_flight():
+    """The issue's case: a group's first prefill is still queued on P (an optimistic
+    entry, its tokens in P's queue); the follower goes to P, not to an idle Q."""
+    r = cluster("kv", n_decode=1, n_prefill=2, disagg_threshold_tokens=1)
+    prefix = prompt(25, 1024)
+    leader = r.route(prefix + prompt(26, 16))
+    follower = r.route(prefix + prompt(27, 16))
+    assert leader.prefill_worker_id is not None
+    assert follower.prefill_worker_id == leader.prefill_worker_id
+    assert follower.cached_tokens_prefill == 1024
+    # A fresh group goes to the other, idle worker (equal work: load breaks the tie).
+    other = r.route(prompt(28, 1040))
+    assert other.prefill_worker_id not in (None, leader.prefill_worker_id)
+    # The old cost sends the follower away: the leader's 1040 queued tokens weigh more.
+    old = cluster("kv", n_decode=1, n_prefill=2, disagg_threshold_tokens=1, balance_abs_tokens=0, balance_rel=1.0)
+    lead = old.route(prefix + prompt(26, 16))
+    assert old.route(prefix + prompt(27, 16)).prefill_worker_id != lead.prefill_worker_id
+
+
+def test_kv_decode_locality_for_a_returning_conversation():
+    """Turn 2 of a conversation returns to the decode worker holding turn 1 (local
+    prefill of the new tokens only), unless that worker is overloaded."""
+    turn1 = prompt(29, 900)
+    turn2 = turn1 + prompt(30, 100)
+    for running, want_local in ((4, True), (40, False)):
+        r = cluster("kv", n_decode=2, n_prefill=1, disagg_threshold_tokens=256)
+        r.index.add_blocks("d0", block_hashes(turn1, BS))
+        for d in ("d0", "d1"):
+            r.update_load(d, pb.StatsResponse(num_kv_blocks_total=4096, num_kv_blocks_free=4000,
+                                              num_running=running if d == "d0" else 2))
+        got = r.route(turn2)
+        if want_local:
+            assert (got.decode_worker_id, got.prefill_worker_id, got.cached_tokens_decode) == ("d0", None, 896)
+        else:
+            assert got.decode_worker_id == "d1" and got.prefill_worker_id == "p0"
+
+
+def test_kv_thresholds_are_validated():
+    for kw in ({"balance_abs_tokens": -1}, {"balance_rel": 0.5}, {"decode_balance_rel": 0.99},
+               {"decode_balance_abs_tokens": -5}):
+        with pytest.raises(ValueError, match=next(iter(kw))):
+            Router("kv", **kw)
 
 
 def test_prefill_estimate_resets_on_report_and_on_finish():
