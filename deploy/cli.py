@@ -106,6 +106,12 @@ def build_parser() -> argparse.ArgumentParser:
     plan_cli.add_arguments(p)
     p.set_defaults(func=plan_cli.run)
 
+    from . import gateway_cmd
+
+    p = sub.add_parser("gateway", help="one more OpenAI gateway on a running deployment (shares its store)")
+    gateway_cmd.add_arguments(p)
+    p.set_defaults(func=gateway_cmd.run)
+
     p = sub.add_parser("scale", help="change the pool sizes of a running `pdserve up`")
     scale.add_arguments(p)
     p.set_defaults(func=scale.run)

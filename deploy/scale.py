@@ -15,14 +15,12 @@ non-draining workers of each role equal the targets and no worker is draining;
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import time
 
 from pdserve.proto import pdserve_pb2 as pb
 
-from .state import state_file
+from .state import running_up
 from .store import open_store
 
 ROLE_NAMES = {pb.PREFILL: "prefill", pb.DECODE: "decode"}
@@ -49,18 +47,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def find_store_url(arg: str | None) -> str:
-    if arg:
-        return arg
-    path = state_file()
-    try:
-        state = json.loads(path.read_text())
-    except (OSError, ValueError):
-        raise ValueError(f"no running `pdserve up` found ({path} is missing); pass --store URL") from None
-    try:
-        os.kill(int(state["pid"]), 0)
-    except (OSError, KeyError, ValueError):
-        raise ValueError(f"the `pdserve up` recorded in {path} is not running; pass --store URL") from None
-    return state["store_url"]
+    return arg or running_up()["store_url"]
 
 
 def pool_counts(store) -> dict[str, dict[str, int]]:

@@ -28,13 +28,29 @@ def state_file() -> Path:
     return home_dir() / "up.json"
 
 
-def write_state(store_url: str, gateway_url: str) -> Path:
+def write_state(store_url: str, gateway_url: str, model: str | None = None) -> Path:
     path = state_file()
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"store_url": store_url, "gateway_url": gateway_url, "pid": os.getpid()}))
+    tmp.write_text(json.dumps({"store_url": store_url, "gateway_url": gateway_url, "pid": os.getpid(),
+                               "model": model}))
     tmp.replace(path)
     return path
+
+
+def running_up() -> dict:
+    """The record of the ``pdserve up`` running on this machine (``store_url``,
+    ``gateway_url``, ``model``, ``pid``); ValueError naming the file when there is none."""
+    path = state_file()
+    try:
+        state = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise ValueError(f"no running `pdserve up` found ({path} is missing); pass --store URL") from None
+    try:
+        os.kill(int(state["pid"]), 0)
+    except (OSError, KeyError, ValueError):
+        raise ValueError(f"the `pdserve up` recorded in {path} is not running; pass --store URL") from None
+    return state
 
 
 def clear_state() -> None:
@@ -47,4 +63,4 @@ def clear_state() -> None:
         pass
 
 
-__all__ = ["clear_state", "default_model_dir", "home_dir", "state_file", "write_state"]
+__all__ = ["clear_state", "default_model_dir", "home_dir", "running_up", "state_file", "write_state"]

@@ -30,6 +30,7 @@ import sys
 from pathlib import Path
 
 from .cluster import ClusterSpec, PoolSpec
+from .gateway_cmd import add_routing_arguments, routing_config
 
 log = logging.getLogger("pdserve.up")
 
@@ -70,6 +71,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "broke mid-way (the worker died or was stopped); past it the stream ends with an error")
     p.add_argument("--drain-timeout", type=float, default=600.0,
                    help="seconds a worker removed by `pdserve scale` may take to finish its requests")
+    add_routing_arguments(p)
 
 
 def spec_from_args(args: argparse.Namespace, model: str) -> ClusterSpec:
@@ -143,11 +145,12 @@ def run(args: argparse.Namespace) -> int:
         scaler = PoolScaler(launcher, store, spec, drain_timeout_s=args.drain_timeout)
         scaler.publish_spec_targets()
         scaler.start()
-        write_state(strip_password(store_url), url)
+        write_state(strip_password(store_url), url, model=str(Path(spec.model).resolve()))
         config = GatewayConfig(store_url=store_url, model_dir=spec.model, served_model_name=name,
                                api_key=args.api_key, router_policy=args.router_policy,
                                max_migrations=args.max_migrations, cluster_secret=secret,
-                               tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser)
+                               tool_call_parser=args.tool_call_parser, reasoning_parser=args.reasoning_parser,
+                               **routing_config(args))
         serve(config, host=args.host, port=args.port)
     finally:
         print("pdserve: stopping ...", flush=True)

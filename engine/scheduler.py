@@ -145,6 +145,8 @@ class Scheduler:
         return out
 
     def _admit_waiting(self, out: SchedulerOutput, budget: int, chunk: int) -> None:
+        deferred: list[Request] = []
+        in_flight: set[int] | None = None  # built on first need
         while self.waiting and budget > 0 and self.num_seqs < self.config.max_num_seqs:
             req = self.waiting[0]
             holds_blocks = bool(self.kv.block_ids(req.request_id))
@@ -152,6 +154,12 @@ class Scheduler:
             num_computed = req.num_computed_tokens if holds_blocks else hit.num_tokens
             # A remote prefill needs blocks for the whole prompt at once, and no compute here.
             is_remote = req.remote_prefill and not holds_blocks
+            if not holds_blocks and not is_remote and self.kv.enable_prefix_caching:
+                if in_flight is None:
+                    in_flight = self._prefixes_in_flight()
+                if self._waits_for_prefix(req, hit, in_flight):
+                    deferred.append(self.waiting.popleft())
+                    continue
             num_new = req.num_tokens - num_computed if is_remote else min(req.num_tokens - num_computed, chunk, budget)
             ok = self.kv.allocate_slots(req, num_new) if holds_blocks else self.kv.allocate_slots(req, num_new, hit)
             if not ok:
@@ -175,6 +183,36 @@ class Scheduler:
             self.running.append(req)
             out.scheduled.append(ScheduledRequest(req, num_new))
             budget -= num_new
+            if in_flight is not None:
+                in_flight.update(self._uncomputed_prompt_hashes(req))
+        self.waiting.extendleft(reversed(deferred))  # back at the head, in their order
+
+    # -- prefixes in flight ----------------------------------------------------------
+    #
+    # A request whose prompt continues with a block that a running request is computing
+    # right now (its prefill is in progress, e.g. the first request of a group that
+    # shares a long system prompt) waits for it instead of computing the same prefix a
+    # second time beside it: once the block is computed it is a prefix-cache hit. The
+    # wait lasts as long as the other prefill (which is running, so it ends, or is
+    # preempted, which ends the wait); the requests behind it are admitted meanwhile.
+
+    def _uncomputed_prompt_hashes(self, req: Request) -> list[int]:
+        """Hashes of ``req``'s full prompt blocks not computed yet."""
+        bs = self.kv.block_size
+        return req.block_hashes[req.num_computed_tokens // bs: req.num_prompt_tokens // bs]
+
+    def _prefixes_in_flight(self) -> set[int]:
+        out: set[int] = set()
+        for r in self.running:
+            if r.num_computed_tokens < r.num_prompt_tokens:
+                out.update(self._uncomputed_prompt_hashes(r))
+        return out
+
+    def _waits_for_prefix(self, req: Request, hit: PrefixHit, in_flight: set[int]) -> bool:
+        if not in_flight or req.prompt_logprobs_position is not None:
+            return False
+        i = hit.num_tokens // self.kv.block_size  # the first block it would compute
+        return i < (req.num_tokens - 1) // self.kv.block_size and req.block_hashes[i] in in_flight
 
     def _find_prefix(self, req: Request) -> PrefixHit:
         """The prefix-cache hit, cut to the blocks before the first position whose prompt

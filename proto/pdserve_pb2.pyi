@@ -425,19 +425,35 @@ class AllBlocksCleared(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
+class BlocksPending(_message.Message):
+    __slots__ = ("block_hashes", "prefill_tokens", "origin", "decode", "prompt_tokens")
+    BLOCK_HASHES_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ORIGIN_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    block_hashes: _containers.RepeatedScalarFieldContainer[int]
+    prefill_tokens: int
+    origin: str
+    decode: bool
+    prompt_tokens: int
+    def __init__(self, block_hashes: _Optional[_Iterable[int]] = ..., prefill_tokens: _Optional[int] = ..., origin: _Optional[str] = ..., decode: _Optional[bool] = ..., prompt_tokens: _Optional[int] = ...) -> None: ...
+
 class KVEvent(_message.Message):
-    __slots__ = ("seq", "worker_id", "stored", "removed", "cleared")
+    __slots__ = ("seq", "worker_id", "stored", "removed", "cleared", "pending")
     SEQ_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     STORED_FIELD_NUMBER: _ClassVar[int]
     REMOVED_FIELD_NUMBER: _ClassVar[int]
     CLEARED_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
     seq: int
     worker_id: str
     stored: BlocksStored
     removed: BlocksRemoved
     cleared: AllBlocksCleared
-    def __init__(self, seq: _Optional[int] = ..., worker_id: _Optional[str] = ..., stored: _Optional[_Union[BlocksStored, _Mapping]] = ..., removed: _Optional[_Union[BlocksRemoved, _Mapping]] = ..., cleared: _Optional[_Union[AllBlocksCleared, _Mapping]] = ...) -> None: ...
+    pending: BlocksPending
+    def __init__(self, seq: _Optional[int] = ..., worker_id: _Optional[str] = ..., stored: _Optional[_Union[BlocksStored, _Mapping]] = ..., removed: _Optional[_Union[BlocksRemoved, _Mapping]] = ..., cleared: _Optional[_Union[AllBlocksCleared, _Mapping]] = ..., pending: _Optional[_Union[BlocksPending, _Mapping]] = ...) -> None: ...
 
 class PoolTargets(_message.Message):
     __slots__ = ("num_prefill", "num_decode")

@@ -35,9 +35,11 @@ from typing import Callable
 
 from pdserve.deploy.store.base import DEFAULT_READ_BATCH, ControlPlaneStore
 
+from pdserve.proto import pdserve_pb2 as pb
+
 from .index import PrefixIndex
 
-__all__ = ["EventFollower", "FollowerStats"]
+__all__ = ["EventFollower", "FollowerStats", "PlacementPublisher"]
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +76,8 @@ class EventFollower:
     the work of one :meth:`poll` (the rest is read at the next one).
     ``registry_interval_s``: how often :meth:`poll` also checks the registry (0: every
     poll; None: never). ``clock`` (monotonic seconds) is injectable for tests.
+    ``origin``: this gateway's id; ``pending`` events it published itself are skipped,
+    others' go to ``index`` (optimistic entries) and to ``on_pending`` (their load).
     """
 
     def __init__(
@@ -85,11 +89,15 @@ class EventFollower:
         max_pages_per_poll: int = 100,
         registry_interval_s: float | None = 1.0,
         clock: Callable[[], float] = time.monotonic,
+        origin: str | None = None,
+        on_pending: Callable[[pb.KVEvent], None] | None = None,
     ) -> None:
         if page_size < 1 or max_pages_per_poll < 1:
             raise ValueError("page_size and max_pages_per_poll must be >= 1")
         self.store = store
         self.index = index
+        self.origin = origin
+        self._on_pending = on_pending
         self._page_size = int(page_size)
         self._max_pages = int(max_pages_per_poll)
         self._registry_interval = registry_interval_s
@@ -140,6 +148,12 @@ class EventFollower:
                 for ev in batch.events:
                     if ev.seq <= self._seq:  # defensive: never apply an event twice
                         continue
+                    if ev.HasField("pending"):
+                        self._seq = ev.seq
+                        if self.origin is not None and ev.pending.origin == self.origin:
+                            continue  # this gateway's own decision: already in its index
+                        if self._on_pending is not None:
+                            self._on_pending(ev)
                     self.index.apply_event(ev)
                     self._seq = ev.seq
                     applied += 1
@@ -244,3 +258,57 @@ class EventFollower:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class PlacementPublisher:
+    """Publishes a router's routing decisions (``Router.take_placements``: ``pending`` KV
+    events) to the store as soon as they are made, so other gateways sharing the store
+    count a prefix as held where it is in flight, and its load there, before the
+    worker's own events and Stats say so. A daemon thread; a failed publish is logged
+    and dropped (the events are hints: the workers' own events follow)."""
+
+    def __init__(self, store: ControlPlaneStore, router, *, max_wait_s: float = 0.5) -> None:
+        self.store = store
+        self.router = router
+        self._max_wait_s = max_wait_s
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.published = 0
+        self.errors = 0
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="pdserve-placements", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout_s: float = 5.0) -> None:
+        self._stop.set()
+        self.router.placements_ready.set()  # wake it
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            thread.join(timeout_s)
+
+    def publish_now(self) -> int:
+        """Publish what is queued; returns how many events."""
+        events = self.router.take_placements()
+        by_worker: dict[str, list[pb.KVEvent]] = {}
+        for ev in events:
+            by_worker.setdefault(ev.worker_id, []).append(ev)
+        for wid, evs in by_worker.items():
+            self.store.publish_kv_events(wid, evs)
+        self.published += len(events)
+        return len(events)
+
+    def _run(self) -> None:
+        last_error = None
+        while not self._stop.is_set():
+            self.router.placements_ready.wait(self._max_wait_s)
+            if self._stop.is_set():
+                return
+            try:
+                self.publish_now()
+                last_error = None
+            except Exception as e:  # noqa: BLE001 - hints only: drop them, keep serving
+                self.errors += 1
+                if repr(e) != last_error:
+                    log.warning("publishing routing placements failed (dropped): %r", e)
+                    last_error = repr(e)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -78,6 +79,12 @@ class GatewayConfig:
     tokens used + 256 per running request + queued prefill tokens)."""
     decode_balance_rel: float = _COST_DEFAULTS.decode_balance_rel
     """... and its relative threshold."""
+    share_placements: bool = True
+    """kv policy: publish every routing decision to the store (``pending`` KV events) and
+    apply the other gateways', so gateway replicas sharing the store see each other's
+    prefixes in flight. Off: one gateway only (saves a store write per request)."""
+    events_interval_s: float = 0.025
+    """How often the KV event stream (workers' blocks, other gateways' placements) is read."""
     max_body_bytes: int = 1 << 20
     max_prompt_tokens: int | None = None
     """Longest accepted prompt; default: the context length minus one."""
@@ -135,7 +142,7 @@ class GatewayConfig:
             raise ValueError("api_key must be a non-empty string or None")
         positive = ("block_size", "max_body_bytes", "max_n", "max_prompts", "max_inflight", "request_timeout_s",
                     "refresh_interval_s", "header_timeout_s", "body_timeout_s", "max_body_bytes_reading",
-                    "send_timeout_s", "max_connections")
+                    "send_timeout_s", "max_connections", "events_interval_s")
         for name in positive:
             value = getattr(self, name)
             if not value > 0:
@@ -181,7 +188,8 @@ class Gateway:
                                        disagg_threshold_tokens=config.disagg_threshold_tokens,
                                        balance_abs_tokens=config.balance_abs_tokens, balance_rel=config.balance_rel,
                                        decode_balance_abs_tokens=config.decode_balance_abs_tokens,
-                                       decode_balance_rel=config.decode_balance_rel)
+                                       decode_balance_rel=config.decode_balance_rel,
+                                       origin=f"gw-{uuid.uuid4().hex[:12]}" if config.share_placements else None)
         self.metrics = GatewayMetrics()
         self.pool = WorkerPool(config, self.router, self.metrics)
         self.num_inflight = 0

@@ -115,7 +115,7 @@ class PrefixIndex:
         self._opt_queue: deque[tuple[float, int, tuple[int, ...]]] = deque()
         self._n_precise = 0
         self._n_opt = 0
-        self._events = {"stored": 0, "removed": 0, "cleared": 0}
+        self._events = {"stored": 0, "removed": 0, "cleared": 0, "pending": 0}
         self._expired = 0
         self._confirmed = 0
 
@@ -161,13 +161,17 @@ class PrefixIndex:
     # ----------------------------------------------------------- precise entries
 
     def apply_event(self, event: pb.KVEvent) -> None:
-        """Apply one KV event (``stored`` / ``removed`` / ``cleared``) of ``event.worker_id``."""
+        """Apply one KV event (``stored`` / ``removed`` / ``cleared`` / ``pending``) of
+        ``event.worker_id``. ``pending`` (another gateway's routing decision) becomes an
+        optimistic entry, as this router's own decisions do."""
         kind = event.WhichOneof("event")
         wid = event.worker_id
         if not wid or kind is None:
             return
         if kind == "stored":
             self.add_blocks(wid, event.stored.block_hashes)
+        elif kind == "pending":
+            self.add_optimistic(wid, event.pending.block_hashes)
         elif kind == "removed":
             self.remove_blocks(wid, event.removed.block_hashes)
         else:

@@ -144,7 +144,8 @@ class Router:
     Keyword knobs beyond the gateway's: ``decode_request_tokens`` (the cost of one
     running request on a decode worker, in tokens), ``free_reserve_frac`` (free-KV
     fraction below which a decode worker is penalised), ``optimistic_ttl_s``,
-    ``index`` (share an existing index), ``clock``, ``max_tracked`` (bound on
+    ``index`` (share an existing index), ``origin`` (this gateway's id among several:
+    decisions are queued as ``pending`` KV events, :meth:`take_placements`), ``clock``, ``max_tracked`` (bound on
     decisions awaiting :meth:`on_finished`; past it the oldest is treated as finished).
     """
 
@@ -166,6 +167,7 @@ class Router:
         balance_rel: float = _DEFAULTS.balance_rel,
         decode_balance_abs_tokens: int = _DEFAULTS.decode_balance_abs_tokens,
         decode_balance_rel: float = _DEFAULTS.decode_balance_rel,
+        origin: str | None = None,
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r}: choose one of {', '.join(POLICIES)}")
@@ -195,6 +197,9 @@ class Router:
         self._rr_prefill = 0
         self._tracked: dict[int, _Tracked] = {}
         self._max_tracked = max(1, int(max_tracked))
+        self.origin = origin
+        self._placements: list[pb.KVEvent] = []
+        self.placements_ready = threading.Event()
         self._counts = {"decisions": 0, "local_prefill": 0, "remote_prefill": 0, "predicted_cached_tokens": 0,
                         "prompt_tokens": 0, "untracked_finishes": 0, "tracked_evicted": 0}
 
@@ -313,7 +318,45 @@ class Router:
         if p is not None:
             self.index.add_optimistic(p, full_hashes)
         decision = RoutingDecision(d, p, cached_p, cached_d, "kv")
+        if self.origin is not None:
+            self._queue_placements(decision, n, full_hashes, n - cached_p)
         return decision, n - cached_p
+
+    # ------------------------------------------------------- several gateways
+
+    def _queue_placements(self, decision: RoutingDecision, n: int, hashes: Sequence[int], prefill_tokens: int) -> None:
+        d, p = decision.decode_worker_id, decision.prefill_worker_id
+        self._placements.append(pb.KVEvent(worker_id=d, pending=pb.BlocksPending(
+            block_hashes=hashes, prefill_tokens=0 if p else prefill_tokens, origin=self.origin, decode=True,
+            prompt_tokens=n)))
+        if p is not None:
+            self._placements.append(pb.KVEvent(worker_id=p, pending=pb.BlocksPending(
+                block_hashes=hashes, prefill_tokens=prefill_tokens, origin=self.origin, prompt_tokens=n)))
+        self.placements_ready.set()
+
+    def take_placements(self) -> list[pb.KVEvent]:
+        """This router's decisions since the last call, as ``pending`` KV events for the
+        store (only with ``origin`` set: a gateway among several)."""
+        with self._lock:
+            out, self._placements = self._placements, []
+            self.placements_ready.clear()
+            return out
+
+    def note_placement(self, event: pb.KVEvent) -> None:
+        """Another gateway's decision (a ``pending`` event): count its load on the worker
+        until that worker's next Stats report, as this router counts its own. (Its
+        prefix goes to the index through ``PrefixIndex.apply_event``.)"""
+        pending = event.pending
+        with self._lock:
+            if event.worker_id not in self._workers:
+                return
+            ld = self._load_of(event.worker_id)
+            if pending.decode:
+                ld.dec_req += 1
+                ld.dec_tok += pending.prompt_tokens
+            if pending.prefill_tokens:
+                ld.pf_req += 1
+                ld.pf_tok += pending.prefill_tokens
 
     def _route_simple(self, n: int) -> tuple[RoutingDecision, int]:
         decode_ids = self._decode_ids

@@ -25,7 +25,7 @@ from pdserve.proto import auth
 from pdserve.proto import pdserve_pb2 as pb
 from pdserve.proto import pdserve_pb2_grpc as pb_grpc
 
-from .events import EventFollower
+from .events import EventFollower, PlacementPublisher
 from .metrics import GatewayMetrics
 
 if TYPE_CHECKING:
@@ -53,6 +53,7 @@ class WorkerPool:
         self._channels: dict[str, grpc.aio.Channel] = {}
         self._tasks: list[asyncio.Task] = []
         self._follower = None
+        self._publisher: PlacementPublisher | None = None
         self._refresh_failing = False
         #: address -> monotonic time it was first missing from the registry (its channel kept)
         self._vanished: dict[str, float] = {}
@@ -79,6 +80,8 @@ class WorkerPool:
         self._tasks.clear()
         if self._follower is not None:
             await asyncio.to_thread(self._follower.stop)
+        if self._publisher is not None:
+            await asyncio.to_thread(self._publisher.stop)
         for channel in self._channels.values():
             await channel.close()
         self._channels.clear()
@@ -86,12 +89,18 @@ class WorkerPool:
             self._store.close()
 
     async def _start_event_follower(self) -> None:
-        """Feed the router's prefix index from the store's KV events."""
+        """Feed the router's prefix index from the store's KV events (the workers', and
+        the other gateways' placements), and publish this router's placements."""
         index = getattr(self.router, "index", None)
         if index is None:
             return
-        self._follower = EventFollower(self._store, index)
-        self._follower.start()
+        origin = getattr(self.router, "origin", None)
+        self._follower = EventFollower(self._store, index, origin=origin,
+                                       on_pending=getattr(self.router, "note_placement", None))
+        self._follower.start(self.config.events_interval_s)
+        if origin is not None:
+            self._publisher = PlacementPublisher(self._store, self.router)
+            self._publisher.start()
 
     # -- the worker view ----------------------------------------------------------------
 

@@ -207,7 +207,7 @@ def event_payload(event: pb.KVEvent) -> bytes:
     if not isinstance(event, pb.KVEvent):
         raise TypeError(f"events must be pdserve.v1.KVEvent, not {type(event).__name__}")
     if event.WhichOneof("event") is None:
-        raise ValueError("a KVEvent must carry one of stored / removed / cleared")
+        raise ValueError("a KVEvent must carry one of stored / removed / cleared / pending")
     stripped = pb.KVEvent()
     stripped.CopyFrom(event)
     stripped.ClearField("seq")

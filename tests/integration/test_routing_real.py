@@ -22,6 +22,7 @@ every worker and the tie is broken at random), which must not turn into eviction
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -134,3 +135,69 @@ def test_kv_routing_hits_the_prefill_cache_and_round_robin_does_not(tmp_path):
     assert kv["hit"] >= 0.8 * kv["ideal"], kv
     assert rr["hit"] < 0.8 * rr["ideal"], rr
     assert kv["hit"] > rr["hit"]
+
+
+def test_two_gateways_route_as_well_as_one(tmp_path):
+    """Two gateway replicas on one store. The same schedule twice, each time on fresh
+    families: a family's first request, then 60 ms later (its prefill in flight or its
+    blocks' events not yet published) a second one. Once through one gateway, once with
+    each family's second request through the other gateway, which knows where the first
+    went only from the first gateway's published placement. Hits must be no fewer."""
+    model_dir = make_tiny_model(tmp_path / "tiny-llama")
+    store = ControlPlaneServer()
+    store.start()
+    workers = [Worker("decode", model_dir, store.url, "d0", DECODE_BLOCKS)]
+    workers += [Worker("prefill", model_dir, store.url, f"p{i}", 4 * PREFILL_BLOCKS) for i in range(2)]
+    servers = []
+    try:
+        start_all(workers)
+        apps = []
+        for _ in range(2):
+            cfg = GatewayConfig(store_url=store.url, model_dir=str(model_dir), disagg_threshold_tokens=1,
+                                refresh_interval_s=0.2)
+            apps.append(create_app(cfg))
+            servers.append(ServerThread(apps[-1]))
+        for s in servers:
+            deadline = time.monotonic() + 15
+            while httpx.get(s.url + "/ready").json() != {"ready": True, "prefill": 2, "decode": 1}:
+                assert time.monotonic() < deadline
+                time.sleep(0.1)
+        prefill = workers[1:]
+
+        def phase(first_base: int, second_gateway) -> int:
+            before = [w.stats() for w in prefill]
+            families = [[first_base + 600 * f + i for i in range(PREFIX_LEN)] for f in range(FAMILIES)]
+            results = []
+
+            def send(url, prompt):
+                r = httpx.post(url + "/v1/completions", timeout=60,
+                               json={"model": model_dir.name, "prompt": prompt, "max_tokens": 1, "temperature": 0})
+                results.append(r.status_code if r.status_code == 200 else r.text)
+
+            threads = []
+            for f, prefix in enumerate(families):
+                for k, url in enumerate((servers[0].url, second_gateway.url)):
+                    t = threading.Thread(target=send, args=(url, prefix + [40 + 10 * f + k] * SUFFIX_LEN))
+                    t.start()
+                    threads.append(t)
+                    time.sleep(0.06)
+            for t in threads:
+                t.join(60)
+            assert results == [200] * len(threads)
+            after = [w.stats() for w in prefill]
+            return sum(a.prefix_cache_hit_tokens - b.prefix_cache_hit_tokens for a, b in zip(after, before))
+
+        one = phase(1000, servers[0])
+        two = phase(4000, servers[1])
+        ideal = FAMILIES * (PREFIX_LEN // BLOCK) * BLOCK
+        assert one >= 0.9 * ideal, (one, ideal)
+        assert two >= one, (two, one)
+        published = [a.state.gateway.pool._publisher.published for a in apps]
+        assert all(n >= FAMILIES for n in published), published
+        assert wait_all_free(workers), [str(w.stats()) for w in workers]
+    finally:
+        for s in servers:
+            s.stop()
+        for w in workers:
+            w.stop()
+        store.stop()

@@ -76,7 +76,7 @@ def test_stored_removed_cleared_events():
     idx.apply_event(removed("a", [999]))
     assert idx.match(H) == {"a": 2}
     st = idx.stats()
-    assert st.events_applied == {"stored": 2, "removed": 3, "cleared": 1}
+    assert st.events_applied == {"stored": 2, "removed": 3, "cleared": 1, "pending": 0}
     assert st.num_precise_entries == 5 and st.num_blocks == 5
 
 

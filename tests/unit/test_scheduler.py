@@ -374,6 +374,49 @@ def test_prefix_cache_hit_for_a_shared_prefix():
     assert sim.all_free()
 
 
+def test_a_request_waits_for_its_prefix_in_flight_instead_of_computing_it_twice():
+    """Two requests of one group arrive together: the second waits while the first
+    computes the shared prefix (chunked over several steps), then hits the cache; a
+    request of another group behind it is admitted meanwhile."""
+    sim = Sim(num_blocks=32, max_num_batched_tokens=64, prefill_chunk_size=8)
+    system = toks(500, 24)  # six blocks, three chunks
+    a = sim.add("a", system + [1, 2, 3], max_tokens=2)
+    b = sim.add("b", system + [7, 8], max_tokens=2)
+    c = sim.add("c", toks(900, 6), max_tokens=2)
+    assert plan(sim.step()) == {"a": 8, "c": 6}  # b waits: a's first chunk is its prefix
+    assert [r.request_id for r in sim.sched.waiting] == ["b"]
+    assert plan(sim.step()) == {"a": 8, "c": 1}
+    plan(sim.step())  # a's third chunk: the whole prefix is cached after it
+    assert b.status is W
+    out = sim.step()
+    assert plan(out)["b"] == 2 and b.num_cached_tokens == 24
+    sim.run()
+    assert sim.sched.num_prefix_hit_tokens == 24
+    assert sim.all_free()
+
+
+def test_prefix_in_flight_wait_ends_when_the_leader_is_preempted():
+    """A waiting follower of a preempted leader is not stuck: the leader's prefix is no
+    longer in flight, so either may go first, and both finish."""
+    sim = Sim(num_blocks=9, max_num_batched_tokens=64, prefill_chunk_size=4)
+    system = toks(300, 12)
+    a = sim.add("a", system + [1], max_tokens=20)
+    b = sim.add("b", system + [2], max_tokens=20)
+    sim.run()
+    assert a.num_preemptions + b.num_preemptions > 0
+    assert sim.all_free()
+
+
+def test_prefix_in_flight_is_not_waited_for_without_prefix_caching():
+    sim = Sim(num_blocks=32, max_num_batched_tokens=64, enable_prefix_caching=False)
+    system = toks(500, 16)
+    sim.add("a", system + [1], max_tokens=1)
+    sim.add("b", system + [2], max_tokens=1)
+    assert plan(sim.step()) == {"a": 17, "b": 17}
+    sim.run()
+    assert sim.all_free()
+
+
 def test_prompt_of_whole_blocks_recomputes_its_last_block():
     sim = Sim(num_blocks=16)
     sim.add("a", toks(0, 8), max_tokens=1)
