@@ -1,10 +1,11 @@
 """Paged attention in pure torch: the CPU path and the specification for GPU kernels.
 
 KV layout, one region per rank: ``[num_layers, num_blocks, 2, num_kv_heads,
-block_size, head_dim]``. Layer-major so a prefill worker can ship layer l while
-computing l+1; K and V of a block adjacent and head-major inside it, so one
-(layer, block) is one contiguous run and a tensor-parallel re-shard is a
-contiguous slice of heads. See docs/architecture.md.
+block_size, head_dim]`` (cache kind "kv"; an MLA model's "mla_latent" cache has
+one plane and one latent head instead, see engine/mla.py). Layer-major so a prefill
+worker can ship layer l while computing l+1; K and V of a block adjacent and
+head-major inside it, so one (layer, block) is one contiguous run and a
+tensor-parallel re-shard is a contiguous slice of heads. See docs/architecture.md.
 
 Token ``t`` of a request lives in block ``block_table[t // block_size]`` at offset
 ``t % block_size``; the flat "slot" is ``block_id * block_size + offset``.
@@ -220,8 +221,15 @@ class TritonAttentionBackend(AttentionBackend):
         return out
 
 
-def make_attention_backend(name: str, device: str) -> AttentionBackend:
-    """The backend called ``name`` ("torch" or "triton", already resolved from "auto")."""
+def make_attention_backend(name: str, device: str, cache_kind: str = "kv") -> AttentionBackend:
+    """The backend called ``name`` ("torch" or "triton", already resolved from "auto") for a
+    cache of ``cache_kind``: "kv" (this module's layout) or "mla_latent" (engine/mla.py)."""
+    if cache_kind == "mla_latent":
+        from .mla import make_mla_backend
+
+        return make_mla_backend(name, device)
+    if cache_kind != "kv":
+        raise ValueError(f"unknown KV cache kind {cache_kind!r}; use kv or mla_latent")
     if name == "torch":
         return AttentionBackend()
     if name != "triton":

@@ -1,4 +1,9 @@
-"""Load a Hugging Face checkpoint (one or many safetensors files) into a sharded model."""
+"""Load a Hugging Face checkpoint (one or many safetensors files) into a sharded model.
+
+The model class comes from the registry (engine/models/registry.py); the model maps
+each checkpoint name to (its parameter, a shard id) and the parameter's
+``weight_loader`` cuts this rank's slice, so this file knows no architecture.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ import torch
 from safetensors import safe_open
 
 from .config import ModelConfig
-from .models.llama import LlamaForCausalLM
+from .models.registry import model_class
+from .moe import FusedMoE
 from .parallel import TPGroup
 
 
@@ -28,13 +34,13 @@ def checkpoint_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def load_model(cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype, device: str, max_positions: int) -> LlamaForCausalLM:
+def load_model(cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype, device: str, max_positions: int) -> torch.nn.Module:
     # Parameters are created in the target dtype (no float32 copy of a large model).
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(cfg, tp, dtype, max_positions)
+            model = model_class(cfg.architecture)(cfg, tp, dtype, max_positions)
     finally:
         torch.set_default_dtype(previous)
     params = dict(model.named_parameters())
@@ -56,6 +62,8 @@ def load_model(cfg: ModelConfig, tp: TPGroup, dtype: torch.dtype, device: str, m
                     param.weight_loader(param, tensor, shard)
                 loaded.add(name)
     missing = sorted(set(params) - loaded)
+    # A stacked expert parameter counts as loaded at its first expert; each needs all of them.
+    missing += [f"{name}: {w}" for name, m in model.named_modules() if isinstance(m, FusedMoE) for w in m.missing_weights()]
     if missing:
         raise ValueError(f"checkpoint in {cfg.model_dir} lacks {missing[:5]}{'...' if len(missing) > 5 else ''}")
     return model.eval()

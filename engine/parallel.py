@@ -31,6 +31,23 @@ class TPGroup:
         dist.all_gather(parts, x.contiguous())
         return torch.cat(parts, dim=-1)
 
+    def all_gather_rows(self, x: torch.Tensor) -> torch.Tensor:
+        """Concatenate every rank's ``x`` (the same shape everywhere) along the first dimension."""
+        if self.size == 1:
+            return x
+        out = x.new_empty((self.size * x.shape[0], *x.shape[1:]))
+        dist.all_gather_single(out, x.contiguous())
+        return out
+
+    def all_to_all(self, x: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        """Rows ``x[sum(send_counts[:r]) : ...]`` go to rank r; returns the rows every rank
+        sent here, in rank order (``recv_counts[r]`` from rank r)."""
+        if self.size == 1:
+            return x
+        out = x.new_empty((sum(recv_counts), *x.shape[1:]))
+        dist.all_to_all_single(out, x.contiguous(), recv_counts, send_counts)
+        return out
+
     def shard(self, total: int) -> tuple[int, int]:
         """(start, size) of this rank's even share of ``total`` items."""
         if total % self.size:

@@ -195,7 +195,8 @@ class KVTransferAgent(ABC):
             raise ValueError(f"metadata is for {header.get('name')!r}, not {name!r}")
         lay = KVRegionLayout.from_dict(header["layout"]) if header.get("layout") else None
         if lay is not None and not lay.same_model(self.layout):
-            raise ValueError(f"peer {name!r} has a different KV geometry: {lay} vs {self.layout}")
+            raise ValueError(f"peer {name!r} has a different KV geometry ({self.layout.mismatch(lay)}): "
+                             f"{lay} vs {self.layout}")
         with self._lock:
             self._check_open()
             if name in self._peers:

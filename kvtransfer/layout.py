@@ -11,6 +11,15 @@ outermost inside a block. So, in bytes::
     layer  = num_blocks * block
     offset(layer, block, kv, local_head) = layer*L + block*B + kv*KV + local_head*HEAD
 
+**Cache kinds.** ``cache_kind`` "kv" is the layout above (2 planes, K and V);
+"mla_latent" (DeepSeek's multi-head latent attention, ``engine/mla.py``) has ONE plane
+and one "head" of ``kv_lora_rank + qk_rope_head_dim`` values, the same on every TP
+rank: ``[num_layers, num_blocks, 1, 1, block_size, latent_dim]``. In the formulas above
+``2`` becomes ``num_planes``. A replicated head is just the case ``num_kv_heads <
+tp_size`` of the head rule below, so each destination rank copies the latent once, from
+one source rank (``choose_sources``), never once per source rank. Layouts of different
+kinds never match (``same_model``).
+
 This module imports neither torch nor any transport: a router or scheduler can
 plan transfers from layouts alone. ``plan_transfer`` says which bytes of which
 source rank go to which bytes of which destination rank; the worker-side agents
@@ -47,6 +56,10 @@ def dtype_name(dtype: Any) -> str:
     return name[len("torch."):] if name.startswith("torch.") else name
 
 
+#: Planes per block of each KV cache kind (see the module docstring).
+CACHE_KINDS: dict[str, int] = {"kv": 2, "mla_latent": 1}
+
+
 def kv_head_shard(num_kv_heads: int, tp_rank: int, tp_size: int) -> tuple[int, int]:
     """(first KV head, KV heads) of a TP rank; same rule as ``engine.parallel.TPGroup``.
 
@@ -81,8 +94,14 @@ class KVRegionLayout:
     dtype: str
     tp_rank: int = 0
     tp_size: int = 1
+    cache_kind: str = "kv"
+    """"kv" (K and V planes) or "mla_latent" (one latent plane, one head replicated on every rank)."""
 
     def __post_init__(self) -> None:
+        if self.cache_kind not in CACHE_KINDS:
+            raise ValueError(f"unknown KV cache kind {self.cache_kind!r}; known: {', '.join(CACHE_KINDS)}")
+        if self.cache_kind == "mla_latent" and self.num_kv_heads != 1:
+            raise ValueError(f"an mla_latent cache has one latent head, got num_kv_heads={self.num_kv_heads}")
         object.__setattr__(self, "dtype", dtype_name(self.dtype))
         if self.dtype not in DTYPE_SIZES:
             raise ValueError(f"unsupported KV dtype {self.dtype!r}")
@@ -101,22 +120,25 @@ class KVRegionLayout:
     # ---- construction -------------------------------------------------------------
     @classmethod
     def for_rank(cls, *, num_layers: int, num_blocks: int, num_kv_heads: int, block_size: int,
-                 head_dim: int, dtype: Any, tp_rank: int = 0, tp_size: int = 1) -> "KVRegionLayout":
+                 head_dim: int, dtype: Any, tp_rank: int = 0, tp_size: int = 1,
+                 cache_kind: str = "kv") -> "KVRegionLayout":
         """The layout the engine gives TP rank ``tp_rank`` of ``tp_size``."""
         start, n = kv_head_shard(num_kv_heads, tp_rank, tp_size)
         return cls(num_layers, num_blocks, num_kv_heads, n, start, block_size, head_dim,
-                   dtype_name(dtype), tp_rank, tp_size)
+                   dtype_name(dtype), tp_rank, tp_size, cache_kind)
 
     @classmethod
     def for_region(cls, region: Any, *, num_kv_heads: int, tp_rank: int = 0,
-                   tp_size: int = 1) -> "KVRegionLayout":
-        """Layout of an engine KV tensor ``[L, N, 2, H_local, block_size, head_dim]``."""
+                   tp_size: int = 1, cache_kind: str = "kv") -> "KVRegionLayout":
+        """Layout of an engine KV tensor ``[L, N, planes, H_local, block_size, head_dim]``
+        (planes: 2 for "kv", 1 for "mla_latent")."""
         shape = tuple(region.shape)
-        if len(shape) != 6 or shape[2] != 2:
-            raise ValueError(f"not a KV region shape [L, N, 2, H, block_size, head_dim]: {shape}")
+        planes = CACHE_KINDS.get(cache_kind)
+        if len(shape) != 6 or shape[2] != planes:
+            raise ValueError(f"not a {cache_kind!r} KV region shape [L, N, {planes}, H, block_size, head_dim]: {shape}")
         lay = cls.for_rank(num_layers=shape[0], num_blocks=shape[1], num_kv_heads=num_kv_heads,
                            block_size=shape[4], head_dim=shape[5], dtype=region.dtype,
-                           tp_rank=tp_rank, tp_size=tp_size)
+                           tp_rank=tp_rank, tp_size=tp_size, cache_kind=cache_kind)
         if lay.num_local_kv_heads != shape[3]:
             raise ValueError(f"region holds {shape[3]} KV heads; rank {tp_rank}/{tp_size} of "
                              f"{num_kv_heads} heads should hold {lay.num_local_kv_heads}")
@@ -127,13 +149,19 @@ class KVRegionLayout:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "KVRegionLayout":
+        """Inverse of ``to_dict``; a dict without ``cache_kind`` (an older peer) is "kv"."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in names})
 
     # ---- sizes and offsets ----------------------------------------------------------
     @property
+    def num_planes(self) -> int:
+        """Planes per block: 2 (K, V) or 1 (the MLA latent)."""
+        return CACHE_KINDS[self.cache_kind]
+
+    @property
     def shape(self) -> tuple[int, int, int, int, int, int]:
-        return (self.num_layers, self.num_blocks, 2, self.num_local_kv_heads, self.block_size,
+        return (self.num_layers, self.num_blocks, self.num_planes, self.num_local_kv_heads, self.block_size,
                 self.head_dim)
 
     @property
@@ -147,13 +175,13 @@ class KVRegionLayout:
 
     @property
     def kv_bytes(self) -> int:
-        """All local heads of K (or V) of one block of one layer."""
+        """All local heads of one plane (K, V or the latent) of one block of one layer."""
         return self.num_local_kv_heads * self.head_bytes
 
     @property
     def block_bytes(self) -> int:
-        """K and V of one block of one layer (a contiguous run)."""
-        return 2 * self.kv_bytes
+        """Every plane of one block of one layer (a contiguous run)."""
+        return self.num_planes * self.kv_bytes
 
     @property
     def layer_bytes(self) -> int:
@@ -171,8 +199,8 @@ class KVRegionLayout:
         return self.kv_head_start <= head < self.kv_head_end
 
     def offset(self, layer: int, block: int, kv: int = 0, local_head: int = 0) -> int:
-        """Byte offset of (layer, block, K=0/V=1, local head index) in the region."""
-        if not (0 <= layer < self.num_layers and 0 <= block < self.num_blocks and kv in (0, 1)
+        """Byte offset of (layer, block, plane (K=0/V=1; 0 for the latent), local head index) in the region."""
+        if not (0 <= layer < self.num_layers and 0 <= block < self.num_blocks and 0 <= kv < self.num_planes
                 and 0 <= local_head < self.num_local_kv_heads):
             raise IndexError(f"({layer}, {block}, {kv}, {local_head}) outside {self.shape}")
         return (layer * self.layer_bytes + block * self.block_bytes + kv * self.kv_bytes
@@ -187,8 +215,18 @@ class KVRegionLayout:
 
     def same_model(self, other: "KVRegionLayout") -> bool:
         """Whether blocks of ``other`` can be copied into this layout (same geometry)."""
-        return (self.num_layers, self.num_kv_heads, self.block_size, self.head_dim, self.dtype) == (
-            other.num_layers, other.num_kv_heads, other.block_size, other.head_dim, other.dtype)
+        return (self.cache_kind, self.num_layers, self.num_kv_heads, self.block_size, self.head_dim,
+                self.dtype) == (other.cache_kind, other.num_layers, other.num_kv_heads, other.block_size,
+                                other.head_dim, other.dtype)
+
+    def mismatch(self, other: "KVRegionLayout") -> str | None:
+        """Why blocks of ``other`` cannot be copied into this layout (the first differing
+        field, both values), or None when ``same_model``."""
+        for f in ("cache_kind", "num_layers", "num_kv_heads", "block_size", "head_dim", "dtype"):
+            mine, theirs = getattr(self, f), getattr(other, f)
+            if mine != theirs:
+                return f"{f} is {theirs!r}, expected {mine!r}"
+        return None
 
 
 @dataclass(frozen=True)
@@ -286,7 +324,7 @@ def plan_transfer(src_layouts: Sequence[KVRegionLayout], dst_layouts: Sequence[K
     _check_group(dst_layouts, "destination")
     s0, d0 = src_layouts[0], dst_layouts[0]
     if not s0.same_model(d0):
-        raise ValueError(f"source and destination geometry differ: {s0} vs {d0}")
+        raise ValueError(f"source and destination geometry differ ({d0.mismatch(s0)}): {s0} vs {d0}")
     if len(src_block_ids) != len(dst_block_ids):
         raise ValueError(f"{len(src_block_ids)} source blocks but {len(dst_block_ids)} destination blocks")
     sb = np.asarray(src_block_ids, dtype=np.int64).reshape(-1)
@@ -319,14 +357,15 @@ def plan_transfer(src_layouts: Sequence[KVRegionLayout], dst_layouts: Sequence[K
             src = src_layouts[s_rank]
             r = np.asarray(runs[s_rank], dtype=np.int64)  # [R, 2] global head ranges
             head_b = src.head_bytes  # == dst.head_bytes (same geometry)
-            # offsets broadcast over [layer, block pair, kv, run]
+            planes = np.arange(src.num_planes)
+            # offsets broadcast over [layer, block pair, plane, run]
             s_off = (lay_ids[:, None, None, None] * src.layer_bytes
                      + sb[None, :, None, None] * src.block_bytes
-                     + np.arange(2)[None, None, :, None] * src.kv_bytes
+                     + planes[None, None, :, None] * src.kv_bytes
                      + (r[None, None, None, :, 0] - src.kv_head_start) * head_b)
             d_off = (lay_ids[:, None, None, None] * dst.layer_bytes
                      + db[None, :, None, None] * dst.block_bytes
-                     + np.arange(2)[None, None, :, None] * dst.kv_bytes
+                     + planes[None, None, :, None] * dst.kv_bytes
                      + (r[None, None, None, :, 0] - dst.kv_head_start) * head_b)
             n = np.broadcast_to((r[:, 1] - r[:, 0]) * head_b, s_off.shape)
             descs = np.stack([s_off.reshape(-1), d_off.reshape(-1), n.reshape(-1)], axis=1)

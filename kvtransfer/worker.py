@@ -71,7 +71,8 @@ class KVRankExtension:
         cfg = json.loads(config)
         self.rank = tp.rank
         self.layout = KVRegionLayout.for_region(
-            runner.kv_cache, num_kv_heads=runner.config.model.num_kv_heads, tp_rank=tp.rank, tp_size=tp.size
+            runner.kv_cache, num_kv_heads=runner.config.model.num_kv_heads, tp_rank=tp.rank, tp_size=tp.size,
+            cache_kind=runner.config.model.cache_kind,
         )
         self.agent = create_agent(cfg["backend"], agent_name(cfg["worker_id"], tp.rank), runner.kv_cache, self.layout)
         self.handles: dict[str, list[TransferHandle]] = {}
@@ -164,7 +165,8 @@ def _group_layouts(layout: KVRegionLayout) -> list[KVRegionLayout]:
     return [
         KVRegionLayout.for_rank(num_layers=layout.num_layers, num_blocks=layout.num_blocks,
                                 num_kv_heads=layout.num_kv_heads, block_size=layout.block_size,
-                                head_dim=layout.head_dim, dtype=layout.dtype, tp_rank=r, tp_size=layout.tp_size)
+                                head_dim=layout.head_dim, dtype=layout.dtype, tp_rank=r, tp_size=layout.tp_size,
+                                cache_kind=layout.cache_kind)
         for r in range(layout.tp_size)
     ]
 

@@ -42,6 +42,14 @@ MODEL_VARIANTS: dict[str, dict] = {
     "llama-rope3": dict(arch="llama", rope_llama3=True, seed=2),
     "llama-rope3-legacy": dict(arch="llama", rope_llama3=True, config_style="legacy", seed=2),
     "llama-sharded": dict(arch="llama", sharded=True, seed=3),
+    # Mixture of experts (tests/integration/test_moe_vs_hf.py, test_disagg_engine.py).
+    "qwen3_moe": dict(arch="qwen3_moe"),
+    "mixtral": dict(arch="mixtral"),
+    "qwen2_moe": dict(arch="qwen2_moe", config_style="legacy"),
+    # MLA + grouped routing (tests/integration/test_deepseek_vs_hf.py). EOS given: picking one
+    # by greedy probing costs ~50 s for these models, and these tests run with ignore_eos.
+    "deepseek_v3": dict(arch="deepseek_v3", rope_yarn=True, eos_token_id=2),
+    "deepseek_v2": dict(arch="deepseek_v2", rope_yarn=True, config_style="legacy", eos_token_id=2),
 }
 
 

@@ -60,6 +60,8 @@ __all__ = [
     "hf_greedy_steps",
     "hf_next_token_logits",
     "hf_rope_inv_freq",
+    "hf_router_margin",
+    "hf_deepseek_routing_margin",
     "load_hf_model",
     "make_random_hf_model",
     "random_prompts",
@@ -73,6 +75,11 @@ ARCH_CLASSES = {
     "llama": "LlamaForCausalLM",
     "qwen2": "Qwen2ForCausalLM",
     "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
 }
 
 LLAMA3_ROPE = {
@@ -113,6 +120,48 @@ _ARCH_DEFAULTS = {
     "llama": dict(rope_theta=500000.0, rms_norm_eps=1e-5),
     "qwen2": dict(rope_theta=1000000.0, rms_norm_eps=1e-6),
     "qwen3": dict(rope_theta=1000000.0, rms_norm_eps=1e-6, head_dim=64),
+    # Mixture of experts: 8 experts, top-2, so a TP=2 expert-parallel split holds 4 per
+    # rank. Qwen3-MoE renormalizes its top-k (norm_topk_prob, as the released models do)
+    # and keeps layer 1 dense (mlp_only_layers; intermediate_size is that layer's MLP);
+    # Qwen2-MoE does not renormalize and adds the gated shared expert.
+    "qwen3_moe": dict(rope_theta=1000000.0, rms_norm_eps=1e-6, head_dim=64, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=64, norm_topk_prob=True, mlp_only_layers=[1], decoder_sparse_step=1),
+    "qwen2_moe": dict(rope_theta=1000000.0, rms_norm_eps=1e-6, num_experts=8, num_experts_per_tok=2,
+                      moe_intermediate_size=64, shared_expert_intermediate_size=128, norm_topk_prob=False),
+    "mixtral": dict(rope_theta=1000000.0, rms_norm_eps=1e-5, num_local_experts=8, num_experts_per_tok=2,
+                    intermediate_size=96),
+    # MLA + grouped routing. Every dimension differs from the others (nope 32, rope 16, v 24,
+    # kv rank 32, q rank 48) so a swapped one fails on shape; kv_lora_rank and the rope dim
+    # are powers of two >= 16 so the Triton MLA decode kernel applies. MLA expands K/V to
+    # every head: num_key_value_heads must equal num_attention_heads in transformers.
+    # 8 experts in 4 groups, a token's 2 from the best 2 groups; layer 0 dense.
+    "deepseek_v3": dict(rope_theta=10000.0, rms_norm_eps=1e-6, num_key_value_heads=4, q_lora_rank=48,
+                        kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=24,
+                        n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                        moe_intermediate_size=64, n_shared_experts=1, first_k_dense_replace=1,
+                        routed_scaling_factor=2.5, norm_topk_prob=True, rope_interleave=True,
+                        max_position_embeddings=256),
+    # V2-Lite style: no q LoRA (a plain q_proj), softmax scores, group-limited greedy, two
+    # shared experts, no renormalization.
+    "deepseek_v2": dict(rope_theta=10000.0, rms_norm_eps=1e-6, num_key_value_heads=4, q_lora_rank=None,
+                        kv_lora_rank=32, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=24,
+                        n_routed_experts=8, num_experts_per_tok=2, n_group=4, topk_group=2,
+                        topk_method="group_limited_greedy", moe_intermediate_size=64, n_shared_experts=2,
+                        first_k_dense_replace=1, routed_scaling_factor=1.5, norm_topk_prob=False,
+                        max_position_embeddings=256),
+}
+
+# DeepSeek's YaRN (rope_yarn=True): factor 4 over a 64-token original context (the
+# DeepSeek models' max_position_embeddings above is 4 * 64, as YaRN expects); mscale and
+# mscale_all_dim differ so both the cos/sin factor and the softmax factor are not 1.
+DEEPSEEK_YARN = {
+    "rope_type": "yarn",
+    "factor": 4.0,
+    "original_max_position_embeddings": 64,
+    "beta_fast": 32,
+    "beta_slow": 1,
+    "mscale": 1.0,
+    "mscale_all_dim": 0.8,
 }
 
 # Scale of the random perturbations applied on top of HF's init.
@@ -129,6 +178,16 @@ def _config_class(arch: str):
         return transformers.Qwen2Config
     if arch == "qwen3":
         return transformers.Qwen3Config
+    if arch == "qwen3_moe":
+        return transformers.Qwen3MoeConfig
+    if arch == "qwen2_moe":
+        return transformers.Qwen2MoeConfig
+    if arch == "mixtral":
+        return transformers.MixtralConfig
+    if arch == "deepseek_v3":
+        return transformers.DeepseekV3Config
+    if arch == "deepseek_v2":
+        return transformers.DeepseekV2Config
     raise ValueError(f"unknown arch {arch!r}; expected one of {sorted(ARCH_CLASSES)}")
 
 
@@ -146,6 +205,7 @@ def make_random_hf_model(
     *,
     tied: bool = False,
     rope_llama3: bool = False,
+    rope_yarn: bool = False,
     sharded: bool = False,
     seed: int = 0,
     config_style: str = "v5",
@@ -154,9 +214,10 @@ def make_random_hf_model(
 ) -> Path:
     """Build a tiny random-weight HF checkpoint in ``out_dir`` and return the path.
 
-    arch: "llama" | "qwen2" | "qwen3".
+    arch: "llama" | "qwen2" | "qwen3" | "qwen3_moe" | "qwen2_moe" | "mixtral".
     tied: tie_word_embeddings=True (no lm_head.weight in the checkpoint).
     rope_llama3: Llama-3.1 style rope scaling with original_max_position_embeddings=64.
+    rope_yarn: DeepSeek's YaRN scaling (DEEPSEEK_YARN).
     sharded: >= 3 safetensors shards plus model.safetensors.index.json.
     config_style: "v5"  -> config.json exactly as transformers 5.x writes it
                            (``rope_parameters`` dict holding rope_theta/rope_type/...).
@@ -189,9 +250,13 @@ def make_random_hf_model(
     rope_parameters = {"rope_type": "default", "rope_theta": rope_theta}
     if rope_llama3:
         rope_parameters = dict(LLAMA3_ROPE, rope_theta=rope_theta)
+    if rope_yarn:
+        rope_parameters = dict(DEEPSEEK_YARN, rope_theta=rope_theta)
+    if arch.startswith("deepseek"):
+        cfg_kwargs.pop("head_dim", None)  # transformers sets it to qk_rope_head_dim
     cfg_kwargs.setdefault("rope_parameters", rope_parameters)
     cfg_kwargs["tie_word_embeddings"] = bool(tied)
-    if arch == "qwen2":
+    if arch in ("qwen2", "qwen2_moe"):
         cfg_kwargs.setdefault("use_sliding_window", False)
 
     config = _config_class(arch)(**cfg_kwargs)
@@ -236,7 +301,7 @@ def make_random_hf_model(
         _write_json(cfg_path, cfg)
 
     _check_saved_checkpoint(out_dir, arch, tied=tied, rope_llama3=rope_llama3, sharded=sharded,
-                            rope_theta=rope_theta, config_style=config_style)
+                            rope_theta=rope_theta, config_style=config_style, rope_yarn=rope_yarn)
     return out_dir
 
 
@@ -246,20 +311,24 @@ def _perturb_weights(model, arch: str, seed: int) -> None:
     g = torch.Generator().manual_seed(10_000 + seed)
     touched_bias = 0
     touched_qk_norm = 0
-    for name, p in model.named_parameters():
+    routing_bias = [(n, b) for n, b in model.named_buffers() if n.endswith("e_score_correction_bias")]
+    for name, p in [*model.named_parameters(), *routing_bias]:
         leaf = name.rsplit(".", 1)
         if name.endswith("norm.weight"):
             # input_layernorm, post_attention_layernorm, model.norm, q_norm, k_norm
             p.copy_(1.0 + _NORM_JITTER * torch.randn(p.shape, generator=g))
             if ".q_norm." in name or ".k_norm." in name:
                 touched_qk_norm += 1
+        elif name.endswith("e_score_correction_bias"):
+            # DeepSeek-V3's routing bias (zero from HF's init): large enough to change choices.
+            p.copy_(_BIAS_STD * torch.randn(p.shape, generator=g))
         elif leaf[-1] == "bias" and any(f".{k}_proj." in name for k in "qkv"):
             p.copy_(_BIAS_STD * torch.randn(p.shape, generator=g))
             touched_bias += 1
     n_layers = model.config.num_hidden_layers
     if arch == "qwen2":
         assert touched_bias == 3 * n_layers, f"expected q/k/v bias in every Qwen2 layer, got {touched_bias}"
-    if arch == "qwen3":
+    if arch in ("qwen3", "qwen3_moe"):
         assert touched_qk_norm == 2 * n_layers, f"expected q_norm/k_norm in every Qwen3 layer, got {touched_qk_norm}"
 
 
@@ -289,7 +358,8 @@ def _pick_eos_token(model, vocab_size: int, seed: int, probe_prompts=None, n_new
     return int(min(n_seqs, key=score))
 
 
-def _check_saved_checkpoint(out_dir: Path, arch: str, *, tied, rope_llama3, sharded, rope_theta, config_style):
+def _check_saved_checkpoint(out_dir: Path, arch: str, *, tied, rope_llama3, sharded, rope_theta, config_style,
+                            rope_yarn=False):
     from transformers import AutoConfig
 
     cfg = read_config(out_dir)
@@ -305,12 +375,15 @@ def _check_saved_checkpoint(out_dir: Path, arch: str, *, tied, rope_llama3, shar
     if rope_llama3:
         for k, v in LLAMA3_ROPE.items():
             assert rp[k] == v, (k, rp)
+    elif rope_yarn:
+        for k, v in DEEPSEEK_YARN.items():
+            assert rp[k] == v, (k, rp)
     else:
         assert rp.get("rope_type", "default") == "default", rp
     # ... and that HF itself reads it back the same way.
     hf_cfg = AutoConfig.from_pretrained(out_dir)
     assert float(hf_cfg.rope_parameters["rope_theta"]) == rope_theta, hf_cfg.rope_parameters
-    assert hf_cfg.rope_parameters["rope_type"] == ("llama3" if rope_llama3 else "default")
+    assert hf_cfg.rope_parameters["rope_type"] == ("llama3" if rope_llama3 else "yarn" if rope_yarn else "default")
 
     st_files = sorted(p.name for p in out_dir.glob("*.safetensors"))
     if sharded:
@@ -330,8 +403,15 @@ def _check_saved_checkpoint(out_dir: Path, arch: str, *, tied, rope_llama3, shar
     assert ("lm_head.weight" in names) == (not tied), (tied, sorted(names)[:5])
     if arch == "qwen2":
         assert "model.layers.0.self_attn.q_proj.bias" in names
-    if arch == "qwen3":
+    if arch in ("qwen3", "qwen3_moe"):
         assert "model.layers.0.self_attn.q_norm.weight" in names
+    if arch in ("qwen3_moe", "qwen2_moe"):  # saved per expert, as the Hub's checkpoints are
+        assert "model.layers.0.mlp.experts.7.down_proj.weight" in names and "model.layers.0.mlp.gate.weight" in names
+    if arch == "mixtral":
+        assert "model.layers.0.block_sparse_moe.experts.7.w2.weight" in names
+    if arch.startswith("deepseek"):  # layer 0 dense, then experts saved one by one
+        assert "model.layers.1.mlp.experts.7.down_proj.weight" in names and "model.layers.0.mlp.gate_proj.weight" in names
+        assert ("model.layers.1.mlp.gate.e_score_correction_bias" in names) == (arch == "deepseek_v3")
 
 
 # --------------------------------------------------------------------------
@@ -449,6 +529,69 @@ def hf_next_token_logits(model_dir, prompts: Iterable[Sequence[int]], dtype: tor
         ids = torch.tensor([list(p)], dtype=torch.long)
         res.append(model(input_ids=ids, use_cache=False).logits[0, -1].float().clone())
     return res
+
+
+@torch.no_grad()
+def hf_router_margin(model_dir, sequences: Iterable[Sequence[int]]) -> float:
+    """Smallest gap between the k-th and (k+1)-th router logit of any token, layer and
+    sequence (each run as one full forward): how far a mixture-of-experts model's expert
+    choice is from a tie. An engine computes router logits with a different summation
+    order (~1e-6 apart in float32); a gap below that makes its choice legitimately differ."""
+    model = load_hf_model(model_dir)
+    top_k = model.config.num_experts_per_tok
+    logits: list[torch.Tensor] = []
+    routers = [m for m in model.modules() if type(m).__name__.endswith("TopKRouter")]
+    assert routers, f"{type(model).__name__} has no *TopKRouter module"
+    hooks = [m.register_forward_hook(lambda mod, args, out: logits.append(out[0].float())) for m in routers]
+    try:
+        for seq in sequences:
+            model(input_ids=torch.tensor([list(seq)], dtype=torch.long), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    top = torch.cat(logits).topk(top_k + 1, dim=-1).values
+    return float((top[:, top_k - 1] - top[:, top_k]).min())
+
+
+@torch.no_grad()
+def hf_deepseek_routing_margin(model_dir, sequences: Iterable[Sequence[int]]) -> float:
+    """DeepSeek's ``hf_router_margin``: the smallest gap, over every token, MoE layer and
+    sequence (one full forward each), between the last chosen and the first rejected
+    candidate of its routing, in the space the choice is made in: group scores (when
+    groups are limited) and the biased expert scores within the chosen groups."""
+    model = load_hf_model(model_dir)
+    cfg = model.config
+    routers = [m for m in model.modules() if type(m).__name__ in ("DeepseekV3TopkRouter", "DeepseekV2TopkRouter")]
+    assert routers, f"{type(model).__name__} has no DeepSeek router"
+    gaps: list[float] = []
+
+    def gap(x: torch.Tensor, k: int) -> float:
+        top = x.topk(k + 1, dim=-1).values
+        return float((top[:, k - 1] - top[:, k]).min())
+
+    def hook(mod, args, out):
+        logits = out[0].float()
+        v3 = type(mod).__name__ == "DeepseekV3TopkRouter"
+        scores = logits.sigmoid() + mod.e_score_correction_bias if v3 else logits.softmax(-1)
+        method = "noaux_tc" if v3 else cfg.topk_method
+        n_group, topk_group = (cfg.n_group, cfg.topk_group) if method != "greedy" else (1, 1)
+        if topk_group < n_group:
+            grouped = scores.view(-1, n_group, scores.shape[-1] // n_group)
+            group_scores = grouped.topk(2, -1).values.sum(-1) if v3 else grouped.max(-1).values
+            gaps.append(gap(group_scores, topk_group))
+            keep = torch.zeros_like(group_scores, dtype=torch.bool)
+            keep.scatter_(1, group_scores.topk(topk_group, -1).indices, True)
+            scores = scores.masked_fill(~keep.repeat_interleave(scores.shape[-1] // n_group, 1), float("-inf"))
+        gaps.append(gap(scores, cfg.num_experts_per_tok))
+
+    hooks = [m.register_forward_hook(hook) for m in routers]
+    try:
+        for seq in sequences:
+            model(input_ids=torch.tensor([list(seq)], dtype=torch.long), use_cache=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return min(gaps)
 
 
 def hf_rope_inv_freq(model_dir) -> torch.Tensor:

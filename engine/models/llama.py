@@ -55,10 +55,11 @@ class Attention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPGroup) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, intermediate_size: int | None = None) -> None:
         super().__init__()
-        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [cfg.intermediate_size] * 2, tp)
-        self.down_proj = RowParallelLinear(cfg.intermediate_size, cfg.hidden_size, tp)
+        intermediate_size = intermediate_size or cfg.intermediate_size
+        self.gate_up_proj = ColumnParallelLinear(cfg.hidden_size, [intermediate_size] * 2, tp)
+        self.down_proj = RowParallelLinear(intermediate_size, cfg.hidden_size, tp)
         self.fused_ops = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -71,10 +72,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, tp: TPGroup) -> None:
+    def __init__(self, cfg: ModelConfig, tp: TPGroup, mlp: nn.Module | None = None) -> None:
         super().__init__()
         self.self_attn = Attention(cfg, tp)
-        self.mlp = MLP(cfg, tp)
+        self.mlp = MLP(cfg, tp) if mlp is None else mlp  # mlp: x [T, hidden] -> [T, hidden], reduced over TP
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
@@ -103,9 +104,13 @@ class LlamaForCausalLM(nn.Module):
         self.cfg = cfg
         self.rotary = RotaryEmbedding(cfg.head_dim, max_positions, cfg.rope_theta, cfg.rope_scaling, dtype)
         self.embed_tokens = VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, tp) for _ in range(cfg.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(cfg, tp, self.make_mlp(cfg, tp, i)) for i in range(cfg.num_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = self.embed_tokens if cfg.tie_word_embeddings else VocabParallelEmbedding(cfg.vocab_size, cfg.hidden_size, tp)
+
+    def make_mlp(self, cfg: ModelConfig, tp: TPGroup, layer: int) -> nn.Module:
+        """Layer ``layer``'s feed-forward block; mixture-of-experts models override this."""
+        return MLP(cfg, tp)
 
     def set_kernels(self, attention: AttentionBackend, fused_ops: bool) -> None:
         """Choose the attention backend and whether norms, RoPE and SiLU-mul use fused kernels."""

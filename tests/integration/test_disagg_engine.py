@@ -95,6 +95,17 @@ def test_greedy_batch_equals_single_engine(model_dir):
     assert all_free(pair.p) and all_free(pair.d)
 
 
+def test_moe_greedy_batch_equals_hf(hf_model_dir):
+    """Qwen3-MoE (8 experts, top-2, one dense layer) prefilled on P, decoded on D: the
+    routed expert MLPs leave the KV layout as it is, so the same copy carries it."""
+    moe_dir = hf_model_dir("qwen3_moe")
+    prompts = H.random_prompts(H.read_config(moe_dir)["vocab_size"], [1, 17, 40, 100], seed=3)
+    params = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    pair = Pair(moe_dir).run_prompts(prompts, params)
+    assert [pair.tokens(str(i)) for i in range(len(prompts))] == H.hf_greedy(moe_dir, prompts, 24)
+    assert all_free(pair.p) and all_free(pair.d)
+
+
 def test_seeded_sampling_and_n_equal_single_engine(model_dir):
     """The decode side continues the request's seeded stream after the prefill side's draw."""
     prompts = H.random_prompts(1000, [9, 33], seed=4)
