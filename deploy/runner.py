@@ -56,6 +56,10 @@ log = logging.getLogger("pdserve.worker")
 
 ROLES = {"prefill": pb.PREFILL, "decode": pb.DECODE, "both": pb.BOTH}
 KV_LAYOUT = "layer,block,kv,head,token,dim"
+#: ``KVLayout.layout`` per KV cache kind (``ModelConfig.cache_kind``). The string is a
+#: registration compatibility field, so a prefill and a decode worker whose caches are of
+#: different kinds are refused at registration, naming ``kv_layout.layout``.
+KV_LAYOUTS = {"kv": KV_LAYOUT, "mla_latent": "mla_latent:layer,block,token,latent"}
 
 
 def build_parser(role: str | None = None) -> argparse.ArgumentParser:
@@ -81,6 +85,13 @@ def build_parser(role: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--num-kv-blocks", type=int, default=None)
     ap.add_argument("--kv-cache-memory", type=int, default=512 << 20, help="KV bytes per rank when --num-kv-blocks is unset")
+    ap.add_argument("--kv-offload-memory", type=int, default=0,
+                    help="host-memory KV tier per rank, bytes: evicted blocks are kept there and loaded back on a "
+                         "prefix hit (default 0: none)")
+    ap.add_argument("--kv-offload-dir", default=None,
+                    help="disk KV tier below the host tier (needs --kv-offload-memory): blocks it evicts are kept "
+                         "there as files, LRU, and survive a restart; one directory per worker")
+    ap.add_argument("--kv-offload-dir-size", type=int, default=16 << 30, help="disk tier bytes per rank (default 16 GiB)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=2048)
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-waiting-requests", type=int, default=None,
@@ -95,6 +106,14 @@ def build_parser(role: str | None = None) -> argparse.ArgumentParser:
                     help="seconds a draining worker waits for its in-flight requests before stopping anyway")
     ap.add_argument("--metrics-port", type=int, default=None,
                     help="Prometheus /metrics port on --host (default: any free port; -1: disabled)")
+    ap.add_argument("--kv-pool-master", default=None, metavar="HOST:PORT",
+                    help="join the cluster-shared KV pool whose mooncake_master serves here (default: no pool)")
+    ap.add_argument("--kv-pool-metadata", default="P2PHANDSHAKE",
+                    help="transfer-engine metadata: P2PHANDSHAKE (no server) or an http:// / etcd:// URL")
+    ap.add_argument("--kv-pool-protocol", default="tcp", choices=["tcp", "rdma"])
+    ap.add_argument("--kv-pool-device", default="", help="RDMA NICs for the pool, e.g. mlx5_0,mlx5_1 (rdma only)")
+    ap.add_argument("--kv-pool-segment-size", type=int, default=256 << 20,
+                    help="host memory bytes this worker contributes to the pool (0: reads and writes, holds none)")
     ap.add_argument("--log-level", default="INFO")
     return ap
 
@@ -119,6 +138,9 @@ class WorkerConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory: int = 512 << 20
+    kv_offload_memory: int = 0
+    kv_offload_dir: str | None = None
+    kv_offload_dir_size: int = 16 << 30
     max_num_batched_tokens: int = 2048
     max_num_seqs: int = 256
     max_waiting_requests: int | None = None
@@ -129,6 +151,12 @@ class WorkerConfig:
     drain_timeout: float = DrainPolicy.timeout_s
     metrics_port: int | None = None
     log_level: str = "INFO"
+    kv_pool_master: str | None = None
+    """The KV pool's master (``HOST:PORT``); None: this worker does not join a pool."""
+    kv_pool_metadata: str = "P2PHANDSHAKE"
+    kv_pool_protocol: str = "tcp"
+    kv_pool_device: str = ""
+    kv_pool_segment_size: int = 256 << 20
     role: str | None = None
     """Only for ``pdserve worker --role``; the role-specific entry points pass it to ``serve``."""
     cluster_secret: bytes | None = field(default=None, repr=False)
@@ -145,6 +173,19 @@ class WorkerConfig:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {getattr(self, name)}")
         if self.max_waiting_requests is not None and self.max_waiting_requests < 0:
             raise ValueError(f"--max-waiting-requests must be >= 0, got {self.max_waiting_requests}")
+        self.kv_pool_config()  # validates the --kv-pool-* flags
+
+    def kv_pool_config(self, local_hostname: str | None = None):
+        """The ``KVPoolConfig`` the ``--kv-pool-*`` flags describe, or None without
+        ``--kv-pool-master``. ``local_hostname``: where other workers reach this one's
+        segment (its node IP; default ``--host``)."""
+        if self.kv_pool_master is None:
+            return None
+        from pdserve.kvtransfer.kvpool import KVPoolConfig  # noqa: PLC0415
+
+        return KVPoolConfig(master_address=self.kv_pool_master, metadata_server=self.kv_pool_metadata,
+                            protocol=self.kv_pool_protocol, device_name=self.kv_pool_device,
+                            local_hostname=local_hostname or self.host, segment_size=self.kv_pool_segment_size)
 
     @classmethod
     def from_args(cls, args: argparse.Namespace, **credentials) -> WorkerConfig:
@@ -180,7 +221,9 @@ def engine_config(args: WorkerConfig) -> EngineConfig:
         device=resolve_device(args.device),
         attention_backend=args.attention_backend,
         cuda_graphs=args.cuda_graphs,
-        cache=CacheConfig(args.block_size, args.num_kv_blocks, args.kv_cache_memory),
+        cache=CacheConfig(args.block_size, args.num_kv_blocks, args.kv_cache_memory,
+                          offload_memory_bytes=args.kv_offload_memory, offload_dir=args.kv_offload_dir,
+                          offload_dir_bytes=args.kv_offload_dir_size),
         scheduler=SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs),
         parallel=ParallelConfig(args.tensor_parallel_size),
     )
@@ -192,7 +235,7 @@ def worker_info(args: WorkerConfig, role: int, worker_id: str, address: str, eng
     return pb.WorkerInfo(
         worker_id=worker_id, role=role, address=address, protocol_version=PROTOCOL_VERSION,
         model=model_identity(m),
-        kv_layout=pb.KVLayout(layout=KV_LAYOUT, num_layers=m.num_layers, num_kv_heads=m.num_kv_heads,
+        kv_layout=pb.KVLayout(layout=KV_LAYOUTS[m.cache_kind], num_layers=m.num_layers, num_kv_heads=m.num_kv_heads,
                               head_dim=m.head_dim, block_size=cfg.cache.block_size,
                               dtype=str(cfg.dtype).removeprefix("torch."),
                               tp_size=cfg.parallel.tensor_parallel_size),
@@ -341,17 +384,23 @@ async def _heartbeat(store: ControlPlaneStore, info: pb.WorkerInfo, ttl_s: float
             log.warning("heartbeat failed: %s", e)
 
 
+KV_TIERS = {"device": pb.KV_TIER_DEVICE, "host": pb.KV_TIER_HOST, "disk": pb.KV_TIER_DISK}
+
+
 def kv_event_messages(worker_id: str, events) -> list[pb.KVEvent]:
     """Engine KV events as wire messages (the store assigns sequence numbers)."""
     out = []
     for ev in events:
+        tier = KV_TIERS[ev.tier]
         if isinstance(ev, BlockStored):
-            stored = pb.BlocksStored(block_hashes=ev.block_hashes, token_ids=ev.token_ids, block_size=ev.block_size)
+            stored = pb.BlocksStored(block_hashes=ev.block_hashes, token_ids=ev.token_ids, block_size=ev.block_size,
+                                     tier=tier)
             if ev.parent_block_hash is not None:
                 stored.parent_block_hash = ev.parent_block_hash
             out.append(pb.KVEvent(worker_id=worker_id, stored=stored))
         else:
-            out.append(pb.KVEvent(worker_id=worker_id, removed=pb.BlocksRemoved(block_hashes=ev.block_hashes)))
+            out.append(pb.KVEvent(worker_id=worker_id, removed=pb.BlocksRemoved(block_hashes=ev.block_hashes,
+                                                                                tier=tier)))
     return out
 
 

@@ -2,7 +2,8 @@
 
 1. The model: ``--model DIR``, or the embedded tiny model (written on first use).
 2. The control-plane store: ``--redis-url``, or an embedded store served over gRPC
-   from this process (single machine).
+   from this process (single machine). With ``--kv-pool``, a KV pool master
+   (``deploy/kvpool.py``) beside it; every worker gets its address (``--kv-pool-master``).
 3. The workers: a ``ClusterSpec`` (``--spec FILE.yaml``, or the flags) launched as
    Ray actors on a local Ray, or on ``--ray-address``.
 4. The OpenAI-compatible gateway on ``--host:--port`` (127.0.0.1:8000) until Ctrl-C
@@ -71,6 +72,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "broke mid-way (the worker died or was stopped); past it the stream ends with an error")
     p.add_argument("--drain-timeout", type=float, default=600.0,
                    help="seconds a worker removed by `pdserve scale` may take to finish its requests")
+    p.add_argument("--kv-pool", action="store_true",
+                   help="start a KV pool master (mooncake_master, the kvpool extra) beside the store and give "
+                        "its address to every worker (--kv-pool-master)")
+    p.add_argument("--kv-pool-host", default="127.0.0.1",
+                   help="address the --kv-pool master binds (default loopback; a private IP when workers run on "
+                        "other nodes: it has no authentication, docs/security.md)")
+    p.add_argument("--kv-pool-master", default=None, metavar="HOST:PORT",
+                   help="an already running KV pool master to give the workers instead of starting one")
     add_routing_arguments(p)
 
 
@@ -117,7 +126,9 @@ def run(args: argparse.Namespace) -> int:
         spec = dataclasses.replace(spec, extra_args=spec.extra_args + ("--drain-timeout", f"{args.drain_timeout:g}"))
     warn_if_password_in_url(args.redis_url, "--redis-url")
     secret, generated = cluster_secret_for_up(args.cluster_secret_file)
-    server = None
+    server = kv_master = None
+    if args.kv_pool and args.kv_pool_master:
+        raise SystemExit("pdserve up: --kv-pool starts a master; --kv-pool-master names a running one: pick one")
     if args.redis_url:
         store_url = args.redis_url
     else:
@@ -127,6 +138,14 @@ def run(args: argparse.Namespace) -> int:
     local_secret = LocalSecret(secret) if generated else None  # for `pdserve scale` on this machine
     launcher = scaler = store = None
     try:
+        if args.kv_pool:
+            from .kvpool import MasterProcess
+
+            kv_master = MasterProcess(host=args.kv_pool_host).start()
+            args.kv_pool_master = kv_master.address
+            print(f"pdserve: KV pool master at {kv_master.address}", flush=True)
+        if args.kv_pool_master:
+            spec = dataclasses.replace(spec, extra_args=spec.extra_args + ("--kv-pool-master", args.kv_pool_master))
         print(f"pdserve: starting {spec.num_workers()} workers for {spec.model} ...", flush=True)
         local_cpus = None
         if not args.ray_address:
@@ -163,6 +182,8 @@ def run(args: argparse.Namespace) -> int:
             launcher.shutdown()
         if server is not None:
             server.stop()
+        if kv_master is not None:
+            kv_master.stop()
         if local_secret is not None:
             local_secret.remove()
         print("pdserve: stopped", flush=True)

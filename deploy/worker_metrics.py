@@ -84,6 +84,12 @@ class WorkerCollector(Collector):
                           s["prefix_cache_hit_tokens"])
             yield counter("prefix_cache_query_tokens", "Prompt tokens looked up in the prefix cache.",
                           s["prefix_cache_query_tokens"])
+            if s.get("num_host_blocks_total"):
+                yield counter("kv_tier_hit_tokens", "Prompt tokens loaded back from the host KV tier.",
+                              s["tier_hit_tokens"])
+                yield gauge("kv_host_blocks_total", "Blocks of the host KV tier.", s["num_host_blocks_total"])
+                yield gauge("kv_host_blocks_used", "Blocks of the host KV tier holding a block.",
+                            s["num_host_blocks_used"])
             yield gauge("stats_age_seconds", "Age of the engine figures in this scrape.",
                         time.monotonic() - (self.snapshot_time or time.monotonic()))
 

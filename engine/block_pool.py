@@ -22,11 +22,14 @@ class BlockStored:
     parent_block_hash: int | None
     token_ids: tuple[int, ...]
     block_size: int
+    tier: str = "device"
+    """Where the blocks now live: "device" (the KV region) or a tier below it ("host")."""
 
 
 @dataclass(frozen=True)
 class BlockRemoved:
     block_hashes: tuple[int, ...]
+    tier: str = "device"
 
 
 KVEvent = BlockStored | BlockRemoved
@@ -57,6 +60,9 @@ class BlockPool:
         self._free: OrderedDict[int, KVBlock] = OrderedDict((b.block_id, b) for b in self.blocks)
         self._cached: dict[int, KVBlock] = {}
         self._events: list[KVEvent] = []
+        self.on_evict = None
+        """Called with each cached block about to lose its content (reused), before its
+        hash and tokens are cleared: the host tier saves it (``KVCacheManager``)."""
 
     @property
     def num_free_blocks(self) -> int:
@@ -82,6 +88,8 @@ class BlockPool:
         for _ in range(num_blocks):
             _, block = self._free.popitem(last=False)
             if block.block_hash is not None:
+                if self.on_evict is not None:
+                    self.on_evict(block)
                 evicted.append(block.block_hash)
                 del self._cached[block.block_hash]
                 block.block_hash = None

@@ -19,7 +19,9 @@ import torch
 from .config import EngineConfig
 from .executor import make_executor
 from .kv_cache_manager import KVCacheManager, KVCacheStats
-from .model_runner import ModelOutput, add_prompt_logprobs, kv_block_bytes, order_for_step, prepare_inputs
+from .kv_tiers import DiskKVFiles, DiskTierMeta, layout_digest
+from .model_runner import (ModelOutput, StepInputs, add_prompt_logprobs, kv_block_bytes, order_for_step,
+                           prepare_inputs)
 from .output_processor import CompletionText
 from .outputs import CompletionDelta, CompletionOutput, RequestOutput
 from .parallel import TPGroup
@@ -44,6 +46,10 @@ class EngineStats:
     prefix_cache_hit_tokens: int
     prefix_cache_query_tokens: int
     num_open_grammars: int = 0
+    tier_hit_tokens: int = 0
+    """Of the prefix hits, tokens loaded back from the host tier."""
+    num_host_blocks_total: int = 0
+    num_host_blocks_used: int = 0
 
 
 class _Completion:
@@ -100,7 +106,14 @@ class LLMEngine:
         if num_blocks < 1:
             raise ValueError(f"KV memory {cache.memory_bytes} bytes holds no block; raise it or set num_blocks")
         self.num_blocks = num_blocks
-        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching)
+        block_bytes = kv_block_bytes(config, TPGroup(0, config.parallel.tensor_parallel_size))
+        self.num_host_blocks = cache.num_host_blocks(block_bytes)
+        self.num_disk_blocks = cache.num_disk_blocks(block_bytes)
+        self._disk_meta = DiskTierMeta(cache.offload_dir) if self.num_disk_blocks else None
+        self.kv = KVCacheManager(num_blocks, cache.block_size, cache.enable_prefix_caching, self.num_host_blocks,
+                                 self.num_disk_blocks, self._disk_meta)
+        if self._disk_meta is not None:
+            self._restore_disk_tier()
         self.scheduler = Scheduler(config.scheduler, self.kv)
         eos = set(config.model.eos_token_ids)
         if tokenizer is not None:
@@ -121,6 +134,21 @@ class LLMEngine:
         self._forward_thread = None
         if self._overlap and not config.is_cuda and config.parallel.tensor_parallel_size == 1:
             self._forward_thread = ThreadPoolExecutor(1, thread_name_prefix="pdserve-forward")
+
+    def _restore_disk_tier(self) -> None:
+        """Re-index the blocks a previous run of this worker left in the disk tier (every
+        rank's file must hold them); their stored events go out with the next publish."""
+        c = self.config
+        m = c.model
+        tp = c.parallel.tensor_parallel_size
+        _, local_heads = TPGroup(0, tp).kv_head_shard(m.num_kv_heads)
+        shape = (m.num_layers, m.num_cache_planes, local_heads, c.cache.block_size, m.head_dim)
+        digest = layout_digest(c)
+        files = [DiskKVFiles(c.cache.offload_dir, r, digest, shape, c.dtype) for r in range(tp)]
+        entries = self._disk_meta.scan(self.num_disk_blocks, files)
+        self.kv.disk.restore(entries)
+        if entries:
+            log.info("disk KV tier: %d blocks from a previous run re-indexed", len(entries))
 
     @property
     def last_logits(self) -> dict[str, torch.Tensor]:
@@ -324,16 +352,18 @@ class LLMEngine:
     def stats(self) -> EngineStats:
         s = self.scheduler
         kv = self.kv.stats()
-        pending = list(s.waiting) + [r for r in s.running if r.is_prefilling]
         return EngineStats(
             num_waiting=s.num_waiting,
             num_running=s.num_seqs,
-            num_queued_prefill_tokens=sum(r.num_tokens - r.num_computed_tokens for r in pending),
+            num_queued_prefill_tokens=s.queued_prefill_tokens(),
             num_kv_blocks_total=kv.num_total_blocks,
             num_kv_blocks_free=kv.num_free_blocks,
             prefix_cache_hit_tokens=s.num_prefix_hit_tokens,
             prefix_cache_query_tokens=s.num_prefix_query_tokens,
             num_open_grammars=self._grammars.num_open if self._grammars is not None else 0,
+            tier_hit_tokens=s.num_host_hit_tokens,
+            num_host_blocks_total=self.num_host_blocks,
+            num_host_blocks_used=len(self.kv.host) if self.kv.host is not None else 0,
         )
 
     # -- the loop ------------------------------------------------------------------
@@ -344,15 +374,21 @@ class LLMEngine:
         step's forward runs (``_forward``), so those deltas come one step later."""
         sched = self.scheduler.schedule()
         self._remote_prefills.extend(sched.remote_prefills)
+        copies = self.kv.take_copy_ops()  # tier copies: every rank runs them first
         if sched.is_empty:
+            if copies:
+                self.executor.execute(StepInputs.copies_only(copies))
             deltas = self._process_text()
-            if not deltas and self.scheduler.has_unfinished and not self.scheduler.awaiting_kv:
+            if (not deltas and self.scheduler.has_unfinished and not self.scheduler.awaiting_kv
+                    and not self.scheduler.loading):
                 raise RuntimeError("scheduler made no progress with requests pending (pool too small?)")
             return deltas
         ordered = order_for_step(sched.scheduled)
         tables = self.kv.tables
         rows = [tables.row(s.request.request_id) for s in ordered]
         inputs = prepare_inputs(ordered, tables.array, rows, self.config.cache.block_size)
+        if copies:
+            inputs.set_copy_ops(copies)
         output, deltas = self._forward(inputs)
         logits = output.logits
         sampling = [s.request for s in ordered if s.samples]
@@ -502,6 +538,8 @@ class LLMEngine:
         if self._forward_thread is not None:
             self._forward_thread.shutdown()
         self.executor.shutdown()
+        if self._disk_meta is not None:
+            self._disk_meta.close()
 
 
 def _close_constraint(req: Request) -> None:

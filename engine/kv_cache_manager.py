@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .block_pool import BlockPool, KVBlock, KVEvent
+from .kv_tiers import TierIndex, as_int64
 from .request import Request
 
 
@@ -33,16 +34,59 @@ class PrefixHit:
 
     blocks: tuple[KVBlock, ...]
     num_tokens: int
+    host: tuple[tuple[int, int], ...] = ()
+    """(block hash, host slot) of the blocks right after ``blocks`` that the host tier
+    holds: loaded into new region blocks before the request runs (``start_load``)."""
+    disk: tuple[tuple[int, int], ...] = ()
+    """(block hash, disk slot) of the blocks right after those that the disk tier holds."""
+
+    @property
+    def num_tier_blocks(self) -> int:
+        return len(self.host) + len(self.disk)
 
 
 NO_HIT = PrefixHit((), 0)
 
 
+@dataclass(frozen=True)
+class CopyOps:
+    """One step's tier copies, in the order every rank runs them (``kv_tiers``)."""
+
+    spills: list[tuple[int, int, int]]
+    """(host slot, disk slot, block hash as int64): host -> disk, first."""
+    saves: list[tuple[int, int]]
+    """(region block id, host slot): region -> host, before the forward overwrites them."""
+    loads: list[tuple[int, int]]
+    """(host slot, region block id): host -> region, asynchronous."""
+    disk_loads: list[tuple[int, int, int]]
+    """(disk slot, region block id, block hash as int64): disk -> region, asynchronous."""
+
+    def __bool__(self) -> bool:
+        return bool(self.spills or self.saves or self.loads or self.disk_loads)
+
+
 class KVCacheManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 num_host_blocks: int = 0, num_disk_blocks: int = 0, disk_meta=None) -> None:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks, block_size, enable_prefix_caching)
+        self.host: TierIndex | None = None
+        """The host tier's index (``kv_tiers``), when the worker has one."""
+        self.disk: TierIndex | None = None
+        """The disk tier's index (below the host tier; ``disk_meta`` records its blocks)."""
+        self._disk_meta = disk_meta
+        self._save_ops: list[tuple[int, int]] = []
+        self._load_ops: list[tuple[int, int]] = []
+        self._spill_ops: list[tuple[int, int, int]] = []
+        self._fresh: list[int] = []
+        """Host entries whose save is not run yet (pinned: a spill must not read them)."""
+        self._disk_load_ops: list[tuple[int, int, int]] = []
+        if num_host_blocks and enable_prefix_caching:
+            self.host = TierIndex(num_host_blocks, block_size)
+            self.pool.on_evict = self._evicting
+            if num_disk_blocks:
+                self.disk = TierIndex(num_disk_blocks, block_size, tier="disk")
         self._blocks: dict[str, list[KVBlock]] = {}
         self._num_cached: dict[str, int] = {}
         """How many leading blocks of each request are already registered in the cache."""
@@ -60,8 +104,9 @@ class KVCacheManager:
     def num_blocks_needed(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def find_prefix(self, request: Request) -> PrefixHit:
-        """Longest cached prefix of the request's tokens, in full blocks.
+    def find_prefix(self, request: Request, use_host: bool = True, touch: bool = True) -> PrefixHit:
+        """Longest cached prefix of the request's tokens, in full blocks: in the region,
+        then (``use_host``) continued in the host tier.
 
         At least one token is always left to compute, so the step that finishes the
         prompt has logits to sample from.
@@ -71,12 +116,75 @@ class KVCacheManager:
         bs = self.block_size
         max_blocks = (request.num_tokens - 1) // bs
         hits: list[KVBlock] = []
-        for i, h in enumerate(request.block_hashes[:max_blocks]):
+        hashes = request.block_hashes[:max_blocks]
+        for i, h in enumerate(hashes):
             block = self.pool.lookup(h, request.token_at(i * bs, (i + 1) * bs))
             if block is None:
                 break
             hits.append(block)
-        return PrefixHit(tuple(hits), len(hits) * bs)
+        host: list[tuple[int, int]] = []
+        disk: list[tuple[int, int]] = []
+        if use_host and self.host is not None:
+            i = len(hits)
+            for tier, out in ((self.host, host), (self.disk, disk)):
+                while tier is not None and i < len(hashes):
+                    slot = tier.lookup(hashes[i], request.token_at(i * bs, (i + 1) * bs), touch)
+                    if slot is None:
+                        break
+                    out.append((hashes[i], slot))
+                    i += 1
+        return PrefixHit(tuple(hits), len(hits) * bs, tuple(host), tuple(disk))
+
+    # -- the host tier ---------------------------------------------------------------
+
+    def _evicting(self, block: KVBlock) -> None:
+        slot, victim = self.host.insert(block.block_hash, block.token_ids)
+        if victim is not None and self.disk is not None:
+            vh, vtokens, vslot = victim
+            dslot, _ = self.disk.insert(vh, vtokens)
+            if dslot is not None:
+                self._spill_ops.append((vslot, dslot, as_int64(vh)))
+                self._disk_meta.write(dslot, vh, vtokens)
+        if slot is not None:
+            self._save_ops.append((block.block_id, slot))
+            # Its bytes land with this step's saves, after its spills: not a victim before.
+            self.host.pin(block.block_hash)
+            self._fresh.append(block.block_hash)
+
+    def pin(self, hit: PrefixHit) -> None:
+        """Keep ``hit``'s tier entries where they are (the allocation that follows may
+        evict region blocks into the tiers, which must not push these out) until
+        ``end_load``."""
+        for h, _ in hit.host:
+            self.host.pin(h)
+        for h, _ in hit.disk:
+            self.disk.pin(h)
+
+    def start_load(self, request: Request, hit: PrefixHit) -> None:
+        """After ``pin(hit)`` and ``allocate_slots(request, tier tokens, hit)``: copy the
+        tiers' blocks of ``hit`` into the request's new blocks."""
+        first = len(hit.blocks)
+        blocks = self._blocks[request.request_id][first: first + hit.num_tier_blocks]
+        for (h, slot), block in zip(hit.host, blocks):
+            self._load_ops.append((slot, block.block_id))
+        for (h, slot), block in zip(hit.disk, blocks[len(hit.host):]):
+            self._disk_load_ops.append((slot, block.block_id, as_int64(h)))
+
+    def end_load(self, hit: PrefixHit) -> None:
+        for h, _ in hit.host:
+            self.host.unpin(h)
+        for h, _ in hit.disk:
+            self.disk.unpin(h)
+
+    def take_copy_ops(self) -> "CopyOps":
+        """The tier copies decided since the last call: the next forward's ranks run them
+        first (``kv_tiers`` ordering)."""
+        ops = CopyOps(self._spill_ops, self._save_ops, self._load_ops, self._disk_load_ops)
+        self._spill_ops, self._save_ops, self._load_ops, self._disk_load_ops = [], [], [], []
+        for h in self._fresh:
+            self.host.unpin(h)
+        self._fresh = []
+        return ops
 
     # -- resources -----------------------------------------------------------------
 
@@ -147,7 +255,11 @@ class KVCacheManager:
             self.pool.free(reversed(blocks))
 
     def take_events(self) -> list[KVEvent]:
-        return self.pool.take_events()
+        events = self.pool.take_events()
+        for tier in (self.host, self.disk):
+            if tier is not None:
+                events += tier.take_events()
+        return events
 
 
 class BlockTables:

@@ -21,7 +21,9 @@ import torch
 from .attention import AttentionBackend, AttentionMetadata, make_attention_backend
 from .cuda_graphs import DecodeGraphRunner
 from .config import EngineConfig
+from .kv_tiers import DiskKVFiles, HostKVCache, layout_digest
 from .loader import load_model
+from .moe import set_expert_dispatch
 from .parallel import TPGroup
 from .scheduler import ScheduledRequest
 
@@ -51,6 +53,34 @@ class StepInputs:
     """[P] the prompt token each of those rows scores (the one after its position)."""
     prompt_logprobs_k: torch.Tensor = field(default_factory=lambda: _EMPTY.clone())
     """[1] the largest top-k any of those rows asked for; [0] when there is no row."""
+    kv_save_ops: torch.Tensor = field(default_factory=lambda: _EMPTY.view(0, 2).clone())
+    """[K, 2] (region block id, host slot): evicted blocks to copy to the host tier
+    before this step's forward overwrites them (``kv_tiers``)."""
+    kv_load_ops: torch.Tensor = field(default_factory=lambda: _EMPTY.view(0, 2).clone())
+    """[K, 2] (host slot, region block id): host-tier blocks to copy in for a later step."""
+    kv_spill_ops: torch.Tensor = field(default_factory=lambda: _EMPTY.view(0, 3).clone())
+    """[K, 3] (host slot, disk slot, block hash): host-tier blocks to write to the disk
+    tier before this step's saves reuse their slots."""
+    kv_disk_load_ops: torch.Tensor = field(default_factory=lambda: _EMPTY.view(0, 3).clone())
+    """[K, 3] (disk slot, region block id, block hash): disk-tier blocks to copy in."""
+
+    def set_copy_ops(self, ops) -> "StepInputs":
+        """Attach a ``kv_cache_manager.CopyOps``."""
+        self.kv_spill_ops = ops_tensor(ops.spills, 3)
+        self.kv_save_ops = ops_tensor(ops.saves)
+        self.kv_load_ops = ops_tensor(ops.loads)
+        self.kv_disk_load_ops = ops_tensor(ops.disk_loads, 3)
+        return self
+
+    @classmethod
+    def copies_only(cls, ops) -> "StepInputs":
+        """A step with no tokens: only the tier copies (every request is waiting for them)."""
+        e = _EMPTY
+        return cls(e, e, e, e.view(0, 0), e, e.view(0, 2), e.view(0, 0), e).set_copy_ops(ops)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.input_ids.shape[0]
 
     def tensors(self) -> list[torch.Tensor]:
         return [getattr(self, f.name) for f in fields(self)]
@@ -60,10 +90,13 @@ class StepInputs:
         return cls(*tensors)
 
     def to(self, device: str | torch.device) -> "StepInputs":
-        """Tensors on ``device``, except ``prefill_lens``: read on the host (grid sizes, lists)."""
+        """Tensors on ``device``, except ``prefill_lens`` and the copy ops: read on the host
+        (grid sizes, lists)."""
         moved = [t.to(device, non_blocking=True) for t in self.tensors()]
         out = StepInputs.from_tensors(moved)
         out.prefill_lens = self.prefill_lens.cpu()
+        for name in ("kv_save_ops", "kv_load_ops", "kv_spill_ops", "kv_disk_load_ops"):
+            setattr(out, name, getattr(self, name).cpu())
         return out
 
     @property
@@ -76,6 +109,10 @@ class StepInputs:
             self.slot_mapping, self.decode_block_tables, self.decode_context_lens,
             self.prefill_lens, self.prefill_block_tables, block_size,
         )
+
+
+def ops_tensor(rows: list[tuple[int, ...]], width: int = 2) -> torch.Tensor:
+    return torch.tensor(rows, dtype=torch.long).view(-1, width)
 
 
 def order_for_step(scheduled: list[ScheduledRequest]) -> list[ScheduledRequest]:
@@ -197,11 +234,11 @@ def add_prompt_logprobs(ordered: list[ScheduledRequest], rows: PromptLogprobRows
 
 
 def kv_block_bytes(config: EngineConfig, tp: TPGroup) -> int:
-    """Bytes one block takes on one rank: every layer, K and V, this rank's KV heads."""
+    """Bytes one block takes on one rank: every layer, K and V (or the MLA latent), this rank's KV heads."""
     m = config.model
     _, kv_heads = tp.kv_head_shard(m.num_kv_heads)
     elem = torch.empty((), dtype=config.dtype).element_size()
-    return m.num_layers * 2 * kv_heads * config.cache.block_size * m.head_dim * elem
+    return m.num_layers * m.num_cache_planes * kv_heads * config.cache.block_size * m.head_dim * elem
 
 
 class ModelRunner:
@@ -209,14 +246,23 @@ class ModelRunner:
         self.config = config
         self.tp = tp
         self.block_size = config.cache.block_size
-        self.attention = make_attention_backend(config.resolved_attention_backend, config.device)
+        self.attention = make_attention_backend(config.resolved_attention_backend, config.device, config.model.cache_kind)
         self.model = load_model(config.model, tp, config.dtype, config.device, config.context_len)
         self.model.set_kernels(self.attention, config.fused_ops_enabled)
+        set_expert_dispatch(self.model, config.parallel.expert_dispatch)
         m = config.model
         self.kv_cache = torch.zeros(
-            m.num_layers, num_blocks, 2, self.model.num_local_kv_heads, self.block_size, m.head_dim,
+            m.num_layers, num_blocks, m.num_cache_planes, self.model.num_local_kv_heads, self.block_size, m.head_dim,
             dtype=config.dtype, device=config.device,
         )
+        self.host_kv: HostKVCache | None = None
+        num_host_blocks = config.cache.num_host_blocks(kv_block_bytes(config, tp))
+        if num_host_blocks:
+            disk = None
+            if config.cache.offload_dir is not None:
+                disk = DiskKVFiles(config.cache.offload_dir, tp.rank, layout_digest(config),
+                                   (self.kv_cache.shape[0], *self.kv_cache.shape[2:]), self.kv_cache.dtype)
+            self.host_kv = HostKVCache(self.kv_cache, num_host_blocks, disk)
         self.graphs: DecodeGraphRunner | None = None
         if config.cuda_graphs_enabled:
             self.graphs = DecodeGraphRunner(
@@ -236,6 +282,14 @@ class ModelRunner:
         """Run one step: the sampled rows' logits (every rank) and the prompt-logprob rows (rank 0)."""
         # Only rank 0 reduces to the top-k; it reads k before the move, from the host (no sync).
         k = int(inputs.prompt_logprobs_k[0]) if self.tp.rank == 0 and inputs.prompt_logprobs_k.shape[0] else 0
+        if self.host_kv is not None:
+            self.host_kv.wait()  # the previous step's loads land before anything reads them
+            if inputs.kv_spill_ops.shape[0]:
+                self.host_kv.spill(inputs.kv_spill_ops.cpu())
+            self.host_kv.save(inputs.kv_save_ops.cpu())
+            self.host_kv.start_loads(inputs.kv_load_ops.cpu(), inputs.kv_disk_load_ops.cpu())
+        if not inputs.num_tokens:
+            return ModelOutput(torch.empty(0, self.config.model.vocab_size))
         device = self.config.device
         if self.graphs is not None and self.graphs.can_run(inputs):
             hidden = self.graphs.run(inputs)

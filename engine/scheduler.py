@@ -71,8 +71,15 @@ class Scheduler:
         """Siblings (n > 1) waiting for their parent's prompt, keyed by the parent's id."""
         self.awaiting_kv: dict[str, Request] = {}
         """Admitted with blocks, waiting for a prefill worker to write their prompt's KV."""
+        self.loading: dict[str, tuple[Request, PrefixHit, int]] = {}
+        """Admitted with blocks, waiting for the host tier's blocks of their prefix to be
+        copied in: (request, its hit, the step that started the copies). They run from
+        the next step on (its forward runs after the copies land: ``kv_tiers``)."""
+        self._step = 0
         self.num_prefix_hit_tokens = 0
         self.num_prefix_query_tokens = 0
+        self.num_host_hit_tokens = 0
+        """Of the hits, prompt tokens loaded from the host tier."""
         """Prompt tokens found in / looked up in the prefix cache at first admission."""
         self.held: dict[str, Request] = {}
         """Finished prefill-side requests whose blocks stay allocated until released."""
@@ -105,7 +112,7 @@ class Scheduler:
 
     @property
     def num_seqs(self) -> int:
-        return len(self.running) + len(self.awaiting_kv)
+        return len(self.running) + len(self.awaiting_kv) + len(self.loading)
 
     @property
     def num_waiting(self) -> int:
@@ -115,6 +122,9 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out = SchedulerOutput()
+        self._step += 1
+        if self.loading:
+            self._promote_loaded()
         budget = self.config.max_num_batched_tokens
         chunk = self.config.chunk_size
         scheduled_ids: set[str] = set()
@@ -154,6 +164,12 @@ class Scheduler:
             num_computed = req.num_computed_tokens if holds_blocks else hit.num_tokens
             # A remote prefill needs blocks for the whole prompt at once, and no compute here.
             is_remote = req.remote_prefill and not holds_blocks
+            if hit is not None and hit.num_tier_blocks and not is_remote:
+                if not self._admit_loading(req, hit):
+                    if self._release_waiting_blocks(keep=req):
+                        continue
+                    break
+                continue
             if not holds_blocks and not is_remote and self.kv.enable_prefix_caching:
                 if in_flight is None:
                     in_flight = self._prefixes_in_flight()
@@ -176,6 +192,8 @@ class Scheduler:
             if is_remote:
                 req.status = RequestStatus.WAITING_FOR_KV
                 self.awaiting_kv[req.request_id] = req
+                if in_flight is not None:
+                    in_flight.update(self._uncomputed_prompt_hashes(req))
                 first = num_computed // self.kv.block_size
                 out.remote_prefills.append(RemotePrefill(req, first, self.kv.block_ids(req.request_id)[first:]))
                 continue
@@ -187,14 +205,35 @@ class Scheduler:
                 in_flight.update(self._uncomputed_prompt_hashes(req))
         self.waiting.extendleft(reversed(deferred))  # back at the head, in their order
 
+    def queued_prefill_tokens(self) -> int:
+        """Prompt tokens still to compute here, for the router's load view: the rest of
+        every prefilling request, and of every waiting one net of what the prefix cache
+        and the host tier hold and of blocks a running prefill is computing now (they
+        will be hits: ``_waits_for_prefix``). Counting whole prompts instead made a worker
+        that holds a group's prefix look busy with the group's followers' prefixes."""
+        bs = self.kv.block_size
+        total = sum(r.num_tokens - r.num_computed_tokens for r in self.running if r.is_prefilling)
+        in_flight = self._prefixes_in_flight() if self.waiting and self.kv.enable_prefix_caching else set()
+        for r in self.waiting:
+            if self.kv.block_ids(r.request_id):
+                total += r.num_tokens - r.num_computed_tokens
+                continue
+            hit = self.kv.find_prefix(r, use_host=not r.remote_prefill, touch=False)
+            i = len(hit.blocks) + hit.num_tier_blocks
+            while i < len(r.block_hashes) and r.block_hashes[i] in in_flight:
+                i += 1
+            total += r.num_tokens - min(i * bs, r.num_tokens - 1)
+        return total
+
     # -- prefixes in flight ----------------------------------------------------------
     #
     # A request whose prompt continues with a block that a running request is computing
     # right now (its prefill is in progress, e.g. the first request of a group that
-    # shares a long system prompt) waits for it instead of computing the same prefix a
-    # second time beside it: once the block is computed it is a prefix-cache hit. The
-    # wait lasts as long as the other prefill (which is running, so it ends, or is
-    # preempted, which ends the wait); the requests behind it are admitted meanwhile.
+    # shares a long system prompt), or that a prefill worker is writing here for a remote
+    # prefill, waits for it instead of computing the same prefix a second time beside it:
+    # once the block is there it is a prefix-cache hit. The wait lasts as long as the
+    # other prefill (which runs, or lands, or fails over to a local prefill that runs, or
+    # is preempted, which ends the wait); the requests behind it are admitted meanwhile.
 
     def _uncomputed_prompt_hashes(self, req: Request) -> list[int]:
         """Hashes of ``req``'s full prompt blocks not computed yet."""
@@ -202,10 +241,14 @@ class Scheduler:
         return req.block_hashes[req.num_computed_tokens // bs: req.num_prompt_tokens // bs]
 
     def _prefixes_in_flight(self) -> set[int]:
+        """Prompt blocks being computed here, or written here by a prefill worker (a
+        remote prefill's KV in flight: its blocks are cached when it lands)."""
         out: set[int] = set()
         for r in self.running:
             if r.num_computed_tokens < r.num_prompt_tokens:
                 out.update(self._uncomputed_prompt_hashes(r))
+        for r in self.awaiting_kv.values():
+            out.update(self._uncomputed_prompt_hashes(r))
         return out
 
     def _waits_for_prefix(self, req: Request, hit: PrefixHit, in_flight: set[int]) -> bool:
@@ -217,13 +260,50 @@ class Scheduler:
     def _find_prefix(self, req: Request) -> PrefixHit:
         """The prefix-cache hit, cut to the blocks before the first position whose prompt
         logprobs are still missing: cached KV yields no logits (vLLM skips the cache for
-        such prompts too). Their blocks are still cached once computed."""
-        hit = self.kv.find_prefix(req)
+        such prompts too). Their blocks are still cached once computed. The host tier
+        continues the hit, except for remote prefills (their KV comes from the prefill
+        worker) and prompts that want logprobs."""
         position = req.prompt_logprobs_position
+        hit = self.kv.find_prefix(req, use_host=position is None and not req.remote_prefill)
         if position is None or hit.num_tokens <= position:
             return hit
         num_blocks = position // self.kv.block_size
         return PrefixHit(hit.blocks[:num_blocks], num_blocks * self.kv.block_size)
+
+    # -- the host tier -----------------------------------------------------------------
+
+    def _admit_loading(self, req: Request, hit: PrefixHit) -> bool:
+        """Admit ``req`` with region blocks for its cached and host-tier prefix; the host
+        blocks are copied in before it runs (next step). False when blocks are short."""
+        num_host_tokens = hit.num_tier_blocks * self.kv.block_size
+        self.kv.pin(hit)
+        if not self.kv.allocate_slots(req, num_host_tokens, hit):
+            self.kv.end_load(hit)
+            return False
+        self.waiting.popleft()
+        self.kv.start_load(req, hit)
+        req.num_computed_tokens = hit.num_tokens
+        if req.num_preemptions == 0:
+            req.num_cached_tokens = hit.num_tokens + num_host_tokens
+            self.num_prefix_hit_tokens += hit.num_tokens + num_host_tokens
+            self.num_prefix_query_tokens += req.num_prompt_tokens
+        self.num_host_hit_tokens += num_host_tokens
+        req.status = RequestStatus.WAITING_FOR_KV
+        self.loading[req.request_id] = (req, hit, self._step)
+        return True
+
+    def _promote_loaded(self) -> None:
+        """Requests whose copies started in an earlier step join the running batch: the
+        loaded blocks are theirs and cached (this step's forward runs after the copies)."""
+        for rid, (req, hit, step) in list(self.loading.items()):
+            if step >= self._step:
+                continue
+            del self.loading[rid]
+            self.kv.end_load(hit)
+            req.num_computed_tokens = hit.num_tokens + hit.num_tier_blocks * self.kv.block_size
+            self.kv.cache_computed_blocks(req)
+            req.status = RequestStatus.RUNNING
+            self.running.append(req)
 
     def complete_remote_prefill(self, request_id: str) -> Request:
         """The prompt's KV has arrived: the request joins the running batch to decode."""
@@ -314,9 +394,14 @@ class Scheduler:
             return None
         req.status = status
         was_awaiting_kv = self.awaiting_kv.pop(request_id, None) is not None
+        loading = self.loading.pop(request_id, None)
+        if loading is not None:
+            # Its blocks may still be being written: they are only reused from the next
+            # step on, whose forward runs after every copy landed.
+            self.kv.end_load(loading[1])
         if req in self.running:
             self.running.remove(req)
-        elif not was_awaiting_kv:
+        elif not was_awaiting_kv and loading is None:
             try:
                 self.waiting.remove(req)
             except ValueError:

@@ -7,6 +7,7 @@ types it returns, ``frames`` for what agents tell each other) with two backends,
 ``"nixl"`` (NIXL/UCX one-sided WRITE after a claim; needs the ``nixl-cu12`` wheel) and
 ``"torch_dist"`` (gloo send/recv over per-pair process groups; needs only torch).
 Backends are imported lazily by ``create_agent``; ``worker`` binds agents to an engine.
+``kvpool`` (imported on its own): the cluster-shared KV pool client on Mooncake Store.
 """
 
 from __future__ import annotations

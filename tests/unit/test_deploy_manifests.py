@@ -157,8 +157,9 @@ def test_spec_is_a_cluster_spec_with_prefill_and_decode():
 def test_kuberay_objects_and_fields():
     docs = kuberay_docs()
     kinds = sorted((d["apiVersion"], d["kind"], d["metadata"]["name"]) for d in docs)
-    assert kinds == [("apps/v1", "Deployment", "pdserve-redis"), ("ray.io/v1", "RayCluster", "pdserve"),
-                     ("v1", "Service", "pdserve-gateway"), ("v1", "Service", "pdserve-redis")]
+    assert kinds == [("apps/v1", "Deployment", "pdserve-kvpool"), ("apps/v1", "Deployment", "pdserve-redis"),
+                     ("ray.io/v1", "RayCluster", "pdserve"), ("v1", "Service", "pdserve-gateway"),
+                     ("v1", "Service", "pdserve-kvpool"), ("v1", "Service", "pdserve-redis")]
     rc = raycluster()
     assert rc["metadata"]["annotations"]["ray.io/overwrite-container-cmd"] == "true"
     assert rc["spec"]["rayVersion"] == _pinned("ray")
@@ -213,7 +214,7 @@ def test_cluster_launcher_config_passes_rays_validation():
     assert any("ray start --address=$RAY_HEAD_IP:6379" in c for c in config["worker_start_ray_commands"])
     setup = config["setup_commands"]
     torch_at = next(i for i, c in enumerate(setup) if "torch==2.13.0" in c)
-    project_at = next(i for i, c in enumerate(setup) if "pdserve[ray,nixl]" in c)
+    project_at = next(i for i, c in enumerate(setup) if "pdserve[ray,nixl,kvpool]" in c)
     assert torch_at < project_at
 
 
@@ -235,7 +236,7 @@ def test_dockerfile_instructions_parse():
 def test_dockerfile_installs_torch_before_the_project():
     runs = [args for k, args in parse_dockerfile(DOCKERFILE) if k == "RUN"]
     torch_at = next(i for i, r in enumerate(runs) if re.search(r"pip install torch==2\.13\.0\b", r))
-    project_at = next(i for i, r in enumerate(runs) if '".[ray,nixl]"' in r)
+    project_at = next(i for i, r in enumerate(runs) if '".[ray,nixl,kvpool]"' in r)
     assert torch_at < project_at
     assert f"ray[default]=={_pinned('ray')}" in runs[project_at]  # same Ray as the extra pins
 
