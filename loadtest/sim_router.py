@@ -46,8 +46,11 @@ class SimRouter:
         self._rr_prefill = 0
         self.num_local = 0
         self.num_remote = 0
+        self.last_prefill_hit_tokens = 0
+        """The chosen prefill worker's prompt tokens held, as the last kv decision saw them."""
 
     def route(self, input_len: int, hashes: Sequence[int], now: float) -> tuple[DecodeWorker, PrefillWorker | None]:
+        self.last_prefill_hit_tokens = 0
         if self.policy == "kv":
             d, p = self._route_kv(input_len, hashes, now)
         else:
@@ -77,6 +80,7 @@ class SimRouter:
             pcands = [PrefillCandidate(x.view.match(hashes, max_hit, now) if max_hit else 0, x.num_queued_tokens)
                       for x in self.prefill]
             p = choose(prefill_costs(w, n, bs, pcands), self.prefill, self._rng)
+            self.last_prefill_hit_tokens = pcands[self.prefill.index(p)].hit_blocks * bs
         full = hashes[: n // bs]
         if full:
             d.view.add_optimistic(full, now)

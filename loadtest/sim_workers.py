@@ -58,7 +58,7 @@ class Seq:
 
     __slots__ = ("request", "decode", "prefill", "phase", "num_generated", "num_computed", "num_cached",
                  "num_blocks", "prompt_len", "first_token_s", "last_token_s", "finished_s", "num_preemptions",
-                 "prefill_cached_tokens", "enter_s", "prefill_queued_s", "prefill_started_s")
+                 "prefill_cached_tokens", "enter_s", "prefill_queued_s", "prefill_started_s", "queued_estimate")
 
     def __init__(self, request, decode: "DecodeWorker", prefill: "PrefillWorker | None") -> None:
         self.request = request
@@ -75,6 +75,7 @@ class Seq:
         self.finished_s: float | None = None
         self.num_preemptions = 0
         self.prefill_cached_tokens = 0  # prompt tokens the prefill found cached (its worker's or D's)
+        self.queued_estimate = 0  # tokens added to the prefill worker's queue at routing (the router's view)
         self.enter_s = 0.0
         self.prefill_queued_s: float | None = None  # reached the worker that prefills it
         self.prefill_started_s: float | None = None  # its first prompt chunk began
@@ -177,16 +178,28 @@ class PrefillWorker(_EngineLoop):
     def _iterate(self, now: float) -> None:
         budget = self.token_budget
         chunks: list[tuple[Seq, int]] = []
+        in_flight = None
+        bs = self.block_size
         for seq in self.queue:
             if budget <= 0:
                 break
             if seq.num_computed < 0:
                 hashes = seq.request.block_hashes
-                hit = self.cache.match(hashes, (seq.prompt_len - 1) // self.block_size) if hashes else 0
-                seq.num_computed = seq.num_cached = hit * self.block_size
+                hit = self.cache.match(hashes, (seq.prompt_len - 1) // bs) if hashes else 0
+                if hashes and hit < (seq.prompt_len - 1) // bs:
+                    # The engine's scheduler: wait for a prefix block a running prefill computes.
+                    if in_flight is None:
+                        in_flight = {h for q in self.queue if q.num_computed >= 0
+                                     for h in q.request.block_hashes[q.num_computed // bs: q.prompt_len // bs]}
+                    if hashes[hit] in in_flight:
+                        continue
+                seq.num_computed = seq.num_cached = hit * bs
                 seq.prefill_cached_tokens = seq.num_cached
                 seq.prefill_started_s = now
-                self.num_queued_tokens -= seq.num_cached
+                # the router's estimate becomes what is really left to compute
+                self.num_queued_tokens += (seq.prompt_len - seq.num_cached) - seq.queued_estimate
+                if in_flight is not None:
+                    in_flight.update(hashes[hit: seq.prompt_len // bs])
             take = min(seq.prompt_len - seq.num_computed, self.chunk_size, budget)
             chunks.append((seq, take))
             budget -= take

@@ -225,7 +225,9 @@ class _Simulation:
             raise ValueError(f"request {request.request_id}: {request.input_len} + {request.output_len} tokens "
                              f"exceed a decode worker's KV capacity ({d.num_total_blocks} blocks)")
         if p is not None:
-            p.num_queued_tokens += request.input_len
+            # What the router expects p to compute (its engine reports queues net of hits).
+            seq.queued_estimate = request.input_len - self.router.last_prefill_hit_tokens
+            p.num_queued_tokens += seq.queued_estimate
             p.num_inflight += 1
             overhead = self.fit.remote_overhead_s
         else:
@@ -285,6 +287,7 @@ def simulate(profile: Profile, config: ClusterConfig, requests: Sequence[SimRequ
         "num_preemptions": sum(d.num_preemptions for d in sim.decode),
         "prefill_tokens_computed": sum(p.num_computed_tokens for p in sim.prefill)
         + sum(d.num_computed_tokens for d in sim.decode),
+        "prefill_tokens_computed_per_worker": [p.num_computed_tokens for p in sim.prefill],
         "prefix_hit_tokens": sum(r.cached_tokens for r in sim.results),
         "max_decode_waiting": max(d.max_waiting for d in sim.decode),
         "kv_blocks_per_decode_worker": sim.kv_blocks,

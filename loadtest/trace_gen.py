@@ -61,11 +61,12 @@ class TraceSpec:
     min_prefix_blocks: int = 2
     max_prefix_blocks: int = 16
     """A prefix's length in blocks, log-uniform in ``[min, max]`` (1k-8k tokens at 512)."""
-    message_median: int = 300
+    message_median: int = 1000
     message_sigma: float = 0.8
     min_message_len: int = 32
     max_message_len: int = 4096
-    """A user message's tokens: lognormal (median, sigma), clipped to ``[min, max]``."""
+    """A user message's tokens (question, retrieved passages, tool results): lognormal
+    (median, sigma), clipped to ``[min, max]``."""
     output_median: int = 150
     output_sigma: float = 0.6
     min_output_len: int = 50
@@ -75,8 +76,9 @@ class TraceSpec:
     max_turns: int = 8
     max_input_len: int = 16384
     """A session ends before a turn whose prompt would be longer."""
-    think_time_s: float = 15.0
-    """Mean pause between an answer and the next turn (exponential)."""
+    think_time_s: float = 5.0
+    """Mean pause between an answer and the next turn (exponential): agent loops and quick
+    follow-ups; people chatting pause longer."""
     response_base_s: float = 1.0
     response_token_s: float = 0.03
     """The estimated response time of a turn: base plus per output token."""

@@ -5,7 +5,9 @@ nothing imported.
 
 **What a choice costs: cluster work first, load past a threshold.** The cost of sending
 a prompt to a worker is the work it adds to the cluster, the prompt tokens that worker
-lacks (``overlap_weight`` tokens each). A prefix the worker holds counts as held
+lacks (``overlap_weight`` tokens each); tokens it holds in a tier below its KV region
+(host memory) cost ``tier_weight`` each (copying back beats recomputing, a region hit
+beats both). A prefix the worker holds counts as held
 whether it is cached or still queued / in flight there (the router's optimistic index
 entries, and other gateways' placements): the follower of a group waits for its
 leader's prefill rather than recompute the prefix elsewhere, which would double the
@@ -59,7 +61,7 @@ class CostWeights:
     """The cost of one running request on a decode worker, in tokens."""
     free_reserve_frac: float = 0.05
     """Free-KV fraction below which the pressure term starts."""
-    balance_abs_tokens: int = 4096
+    balance_abs_tokens: int = 6144
     """Prefill: queued tokens above the least-loaded candidate's before load counts."""
     balance_rel: float = 1.5
     """Prefill: ... and the ratio to the least-loaded candidate's queue it must exceed."""
@@ -68,6 +70,10 @@ class CostWeights:
     least-loaded candidate's before load counts."""
     decode_balance_rel: float = 1.25
     """Decode: ... and the ratio to the least-loaded candidate's load it must exceed."""
+    tier_weight: float = 0.1
+    """Cost of a prompt token a worker holds in a tier below its KV region (host memory)
+    and must copy back, as a fraction of computing it: 0.1 (a block crosses PCIe in a
+    tenth of the time a GPU computes its 16 tokens for a 70B model)."""
 
     def __post_init__(self) -> None:
         if self.overlap_weight < 0:
@@ -77,6 +83,8 @@ class CostWeights:
         for name in ("balance_abs_tokens", "decode_balance_abs_tokens", "decode_request_tokens"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not 0 <= self.tier_weight <= 1:
+            raise ValueError(f"tier_weight must be in [0, 1], got {self.tier_weight}")
         for name in ("balance_rel", "decode_balance_rel"):
             if not getattr(self, name) >= 1.0:
                 raise ValueError(f"{name} must be >= 1.0, got {getattr(self, name)}")
@@ -112,6 +120,8 @@ class DecodeCandidate:
     """Free blocks less what it already promised; None: unknown (no pressure term)."""
     total_blocks: int
     """Its pool; 0: unknown."""
+    tier_blocks: int = 0
+    """Prompt blocks after ``hit_blocks`` it holds in a tier below its KV region."""
 
     def load(self, w: CostWeights) -> float:
         return self.used_tokens + w.decode_request_tokens * self.requests + self.queued_prefill_tokens
@@ -121,6 +131,14 @@ class DecodeCandidate:
 class PrefillCandidate:
     hit_blocks: int
     queued_prefill_tokens: int
+    tier_blocks: int = 0
+
+
+def work(w: CostWeights, prompt_tokens: int, block_size: int, hit_blocks: int, tier_blocks: int) -> float:
+    """Tokens of work a candidate adds: what it must compute, plus what it must load back
+    from a lower tier at ``tier_weight`` each."""
+    return (w.overlap_weight * (prompt_tokens - (hit_blocks + tier_blocks) * block_size)
+            + w.tier_weight * tier_blocks * block_size)
 
 
 def pressure(w: CostWeights, *, prompt_tokens: int, hit_blocks: int, block_size: int, free_blocks: int | None,
@@ -141,7 +159,7 @@ def decode_costs(w: CostWeights, prompt_tokens: int, block_size: int,
     """Each decode candidate's cost for the prompt (see the module docstring)."""
     loads = [c.load(w) for c in candidates]
     least = min(loads, default=0.0)
-    return [w.overlap_weight * (prompt_tokens - c.hit_blocks * block_size)
+    return [work(w, prompt_tokens, block_size, c.hit_blocks, c.tier_blocks)
             + _load_term(load, least, w.decode_balance_abs_tokens, w.decode_balance_rel)
             + pressure(w, prompt_tokens=prompt_tokens, hit_blocks=c.hit_blocks, block_size=block_size,
                        free_blocks=c.free_blocks, total_blocks=c.total_blocks)
@@ -152,7 +170,7 @@ def prefill_costs(w: CostWeights, prompt_tokens: int, block_size: int,
                   candidates: Sequence[PrefillCandidate]) -> list[float]:
     """Each prefill candidate's cost for the prompt (see the module docstring)."""
     least = min((c.queued_prefill_tokens for c in candidates), default=0)
-    return [w.overlap_weight * (prompt_tokens - c.hit_blocks * block_size)
+    return [work(w, prompt_tokens, block_size, c.hit_blocks, c.tier_blocks)
             + _load_term(c.queued_prefill_tokens, least, w.balance_abs_tokens, w.balance_rel)
             for c in candidates]
 

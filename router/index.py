@@ -113,6 +113,11 @@ class PrefixIndex:
         # monotonic clock). An item is stale when the entry was refreshed, confirmed or
         # dropped since; expiry checks each entry's own deadline.
         self._opt_queue: deque[tuple[float, int, tuple[int, ...]]] = deque()
+        # The tiers below a worker's KV region (host memory, disk): hash -> mask of the
+        # workers holding it there, and bit -> those hashes. Separate from _mask: a block
+        # in a tier must be loaded before use, so it is matched after the region's.
+        self._tier_mask: dict[int, int] = {}
+        self._worker_tier: dict[int, dict[int, None]] = {}
         self._n_precise = 0
         self._n_opt = 0
         self._events = {"stored": 0, "removed": 0, "cleared": 0, "pending": 0}
@@ -168,7 +173,11 @@ class PrefixIndex:
         wid = event.worker_id
         if not wid or kind is None:
             return
-        if kind == "stored":
+        if kind == "stored" and event.stored.tier:
+            self.add_tier_blocks(wid, event.stored.block_hashes)
+        elif kind == "removed" and event.removed.tier:
+            self.remove_tier_blocks(wid, event.removed.block_hashes)
+        elif kind == "stored":
             self.add_blocks(wid, event.stored.block_hashes)
         elif kind == "pending":
             self.add_optimistic(wid, event.pending.block_hashes)
@@ -241,6 +250,8 @@ class PrefixIndex:
             for h in mine:
                 self._clear_bit_locked(h, b)
             self._n_precise -= len(mine)
+            for h in self._worker_tier.pop(bit, {}):
+                self._clear_tier_bit_locked(h, b)
             opt_mask = self._opt_mask
             for _deadline, qbit, hashes in self._opt_queue:
                 if qbit != bit:
@@ -253,12 +264,65 @@ class PrefixIndex:
             self._ids[bit] = None
             self._free_bits.append(bit)
 
+    # ------------------------------------------------------------- tier entries
+
+    def add_tier_blocks(self, worker_id: str, block_hashes: Iterable[int]) -> None:
+        """``worker_id`` holds these blocks in a tier below its KV region (host, disk)."""
+        with self._lock:
+            bit = self._bit_for(worker_id)
+            b = 1 << bit
+            mine = self._worker_tier.setdefault(bit, {})
+            tm = self._tier_mask
+            for h in block_hashes:
+                if h not in mine:
+                    mine[h] = None
+                    tm[h] = tm.get(h, 0) | b
+
+    def remove_tier_blocks(self, worker_id: str, block_hashes: Iterable[int]) -> None:
+        with self._lock:
+            bit = self._bit.get(worker_id)
+            if bit is None:
+                return
+            mine = self._worker_tier.get(bit, {})
+            for h in block_hashes:
+                if mine.pop(h, 0) is None:
+                    self._clear_tier_bit_locked(h, 1 << bit)
+            self._release_if_empty_locked(bit)
+
+    def _clear_tier_bit_locked(self, h: int, b: int) -> None:
+        m = self._tier_mask.get(h, 0) & ~b
+        if m:
+            self._tier_mask[h] = m
+        else:
+            self._tier_mask.pop(h, None)
+
+    def match_tiers(self, block_hashes: Sequence[int], matches: dict[str, int]) -> dict[str, int]:
+        """Per worker, how many blocks after its ``matches`` (its KV-region prefix, from
+        :meth:`match`) it holds consecutively in a lower tier. Workers with none are absent."""
+        with self._lock:
+            if not self._tier_mask:
+                return {}
+            out: dict[str, int] = {}
+            tm = self._tier_mask
+            n = len(block_hashes)
+            for wid, bit in self._bit.items():
+                b = 1 << bit
+                start = matches.get(wid, 0)
+                i = start
+                while i < n and tm.get(block_hashes[i], 0) & b:
+                    i += 1
+                if i > start:
+                    out[wid] = i - start
+            return out
+
     def _release_if_empty_locked(self, bit: int) -> None:
         # A worker with no entry left gives its bit back (keeps the masks narrow).
         wid = self._ids[bit]
-        if wid is not None and not self._worker_precise.get(bit) and not self._opt_count.get(bit):
+        if (wid is not None and not self._worker_precise.get(bit) and not self._opt_count.get(bit)
+                and not self._worker_tier.get(bit)):
             del self._bit[wid]
             self._worker_precise.pop(bit, None)
+            self._worker_tier.pop(bit, None)
             self._opt_count.pop(bit, None)
             self._ids[bit] = None
             self._free_bits.append(bit)
@@ -272,6 +336,8 @@ class PrefixIndex:
         with self._lock:
             self._mask = dict(self._opt_mask)
             self._worker_precise = {}
+            self._tier_mask = {}
+            self._worker_tier = {}
             self._n_precise = 0
             for bit in list(self._bit.values()):
                 self._release_if_empty_locked(bit)
@@ -281,6 +347,8 @@ class PrefixIndex:
         with self._lock:
             self._mask = {}
             self._worker_precise = {}
+            self._tier_mask = {}
+            self._worker_tier = {}
             self._opt_mask = {}
             self._opt_deadline = {}
             self._opt_count = {}
@@ -343,8 +411,8 @@ class PrefixIndex:
             return self._workers_locked()
 
     def _workers_locked(self) -> list[str]:
-        wp, oc = self._worker_precise, self._opt_count
-        return sorted(w for w, bit in self._bit.items() if wp.get(bit) or oc.get(bit))
+        wp, oc, wt = self._worker_precise, self._opt_count, self._worker_tier
+        return sorted(w for w, bit in self._bit.items() if wp.get(bit) or oc.get(bit) or wt.get(bit))
 
     def num_blocks(self, worker_id: str | None = None, *, precise_only: bool = False) -> int:
         """Distinct hashes in the index, or the entries of ``worker_id``."""

@@ -338,3 +338,21 @@ def test_precise_and_optimistic_agree_with_a_naive_model():
     now = clock.t
     assert st.num_precise_entries == sum(len(s) for s in precise.values())
     assert st.num_optimistic_entries == sum(1 for d in opt.values() for t in d.values() if t > now)
+
+
+def test_tier_events_extend_the_match_after_the_region():
+    from pdserve.proto import pdserve_pb2 as pb
+
+    idx = PrefixIndex()
+    H = list(range(1000, 1010))
+    idx.apply_event(pb.KVEvent(worker_id="a", stored=pb.BlocksStored(block_hashes=H[:3])))
+    idx.apply_event(pb.KVEvent(worker_id="a", stored=pb.BlocksStored(block_hashes=H[3:8], tier=pb.KV_TIER_HOST)))
+    idx.apply_event(pb.KVEvent(worker_id="b", stored=pb.BlocksStored(block_hashes=H[:6], tier=pb.KV_TIER_HOST)))
+    m = idx.match(H)
+    assert m == {"a": 3}
+    assert idx.match_tiers(H, m) == {"a": 5, "b": 6}
+    idx.apply_event(pb.KVEvent(worker_id="a", removed=pb.BlocksRemoved(block_hashes=[H[5]], tier=pb.KV_TIER_HOST)))
+    assert idx.match_tiers(H, m) == {"a": 2, "b": 6}
+    idx.apply_event(pb.KVEvent(worker_id="b", cleared=pb.AllBlocksCleared()))
+    assert idx.match_tiers(H, m) == {"a": 2}
+    assert idx.workers() == ["a"]

@@ -275,8 +275,8 @@ def test_kv_prefill_load_counts_only_past_the_imbalance_thresholds():
                                      (700, 1.0, {}, "p0"),  # below the threshold: locality
                                      (700, 1.0, always, "p1"),  # the old cost: 200 + 700 > 840
                                      (700, 2.0, always, "p0"),
-                                     (5000, 1.0, {}, "p1"),  # past both thresholds: 200 + 5000 > 840
-                                     (5000, 1.0, {"balance_abs_tokens": 8192}, "p0")):
+                                     (7000, 1.0, {}, "p1"),  # past both thresholds: 200 + 7000 > 840
+                                     (7000, 1.0, {"balance_abs_tokens": 8192}, "p0")):
         r = cluster("kv", n_decode=1, n_prefill=2, overlap_weight=weight, **kw)
         r.index.add_blocks("p0", block_hashes(prefix, BS))
         r.update_load("p0", pb.StatsResponse(num_queued_prefill_tokens=queued))

@@ -72,3 +72,14 @@ def test_weights_are_validated():
         CostWeights(balance_rel=0.9)
     with pytest.raises(ValueError, match="decode_balance_abs_tokens"):
         CostWeights(decode_balance_abs_tokens=-1)
+
+
+def test_tiers_device_beats_host_beats_recompute():
+    # 1024-token prefix: worker 0 in its KV region, worker 1 in its host tier, worker 2 nowhere
+    cands = [PrefillCandidate(64, 0), PrefillCandidate(0, 0, tier_blocks=64), PrefillCandidate(0, 0)]
+    costs = prefill_costs(W, 1040, BS, cands)
+    assert costs[0] < costs[1] < costs[2]
+    assert costs[1] == pytest.approx(16 + W.tier_weight * 1024, rel=1e-6)
+    assert best(prefill_costs(W, 1040, BS, cands[1:]), [1, 2]) == 1
+    with pytest.raises(ValueError, match="tier_weight"):
+        CostWeights(tier_weight=1.5)

@@ -395,6 +395,31 @@ def test_a_request_waits_for_its_prefix_in_flight_instead_of_computing_it_twice(
     assert sim.all_free()
 
 
+def test_a_request_waits_for_its_prefix_arriving_from_a_prefill_worker():
+    """A remote prefill's blocks are being written by a prefill worker; a request of the
+    same group prefilled here waits for them rather than computing them beside them."""
+    sim = Sim(num_blocks=32, max_num_batched_tokens=64)
+    system = toks(500, 24)
+    a = sim.add("a", system + [1, 2, 3], max_tokens=2)
+    a.remote_prefill = True
+    b = sim.add("b", system + [7, 8], max_tokens=2)
+    out = sim.sched.schedule()
+    assert [rp.request.request_id for rp in out.remote_prefills] == ["a"] and plan(out) == {}
+    assert [r.request_id for r in sim.sched.waiting] == ["b"]
+    assert sim.sched.queued_prefill_tokens() == 2  # b's own tokens only: the rest is on its way
+    for block in sim.kv.block_ids("a"):  # the prefill worker's write lands
+        sim.store[block] = [None] * sim.bs
+    for p in range(27):
+        sim.store[sim.kv.block_ids("a")[p // sim.bs]][p % sim.bs] = a.all_token_ids[p]
+    sim.sched.complete_remote_prefill("a")
+    a.append_token(1000)
+    sim.appended["a"].append(1000)
+    out = sim.step()
+    assert plan(out)["b"] == 2 and b.num_cached_tokens == 24
+    sim.run()
+    assert sim.all_free()
+
+
 def test_prefix_in_flight_wait_ends_when_the_leader_is_preempted():
     """A waiting follower of a preempted leader is not stuck: the leader's prefix is no
     longer in flight, so either may go first, and both finish."""
