@@ -224,8 +224,10 @@ class AsyncEngine:
                     self.loop.call_soon_threadsafe(_spawn, self.loop, self.on_remote_prefill(rp))
 
     def _only_awaiting_kv(self) -> bool:
+        """Nothing to step: every unfinished request waits for a prefill worker's KV (a
+        request loading from the KV tiers does not: the next step promotes it)."""
         s = self.engine.scheduler
-        return not s.running and not s.waiting
+        return not s.running and not s.waiting and not s.loading
 
     def _dispatch(self, deltas: list[CompletionDelta]) -> None:
         """Queue each request's deltas for delivery by the next ``_flush`` (engine thread)."""

@@ -152,3 +152,41 @@ def test_bad_disk_tier_configuration(case, tmp_path):
     with pytest.raises(ValueError, match="cannot hold one KV block"):
         LLM(model_dir, num_kv_blocks=24, kv_offload_memory=1 << 20, kv_offload_dir=tmp_path / "kv",
             kv_offload_dir_bytes=10)
+
+
+def test_async_engine_runs_a_tier_hit_on_an_idle_engine(case):
+    """The serving loop (AsyncEngine) with nothing else to do must still step a request
+    that waits for its tier blocks (it once went idle with it in ``loading``: the worker
+    hung until another request came)."""
+    import asyncio
+
+    from pdserve.engine.async_engine import AsyncEngine
+
+    model_dir, prompts, want = case
+    llm = LLM(model_dir, num_kv_blocks=8, kv_offload_memory=1 << 20)
+    sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+    a, b = prompts[0], prompts[1]  # different prefixes: b evicts a's blocks to the host tier
+
+    async def run(aengine, rid, prompt) -> list[int]:
+        tokens = []
+        async for deltas in aengine.generate(rid, prompt, sp):
+            tokens += [t for d in deltas for t in d.token_ids]
+        return tokens
+
+    async def main():
+        aengine = AsyncEngine(llm.engine, asyncio.get_running_loop())
+        try:
+            assert await asyncio.wait_for(run(aengine, "a", a), 60) == want[0]
+            assert await asyncio.wait_for(run(aengine, "b", b), 60) == want[1]
+            hits = llm.engine.stats().tier_hit_tokens
+            assert await asyncio.wait_for(run(aengine, "a2", a), 60) == want[0]
+            assert llm.engine.stats().tier_hit_tokens > hits
+        finally:
+            aengine.shutdown()
+
+    try:
+        asyncio.run(main())
+        s = llm.kv_cache_stats()
+        assert s.num_free_blocks == s.num_total_blocks and llm.engine.kv.host.num_pinned == 0
+    finally:
+        llm.shutdown()
