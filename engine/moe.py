@@ -85,7 +85,7 @@ def fused_experts_torch(
     weighted = (out_rows.float() * topk_weights.reshape(-1)[pairs].unsqueeze(1)).to(x.dtype)
     out = x.new_zeros(T * k, x.shape[1])
     out[pairs] = weighted
-    return out.view(T, k, -1).sum(dim=1)
+    return out.view(T, k, x.shape[1]).sum(dim=1)
 
 
 class FusedMoE(nn.Module):

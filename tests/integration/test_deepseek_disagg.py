@@ -34,7 +34,10 @@ def Worker(role: str, model_dir, store_url: str, worker_id: str, backend: str, t
 
 
 @pytest.mark.parametrize(("p_tp", "d_tp", "backend"), [
-    (1, 2, "nixl"), (2, 1, "torch_dist"), (1, 2, "torch_dist"), (2, 1, "nixl"),
+    (1, 2, "nixl"),
+    pytest.param(2, 1, "torch_dist", marks=pytest.mark.heavy),
+    pytest.param(1, 2, "torch_dist", marks=pytest.mark.heavy),
+    pytest.param(2, 1, "nixl", marks=pytest.mark.heavy),
 ], ids=["tp1to2-nixl", "tp2to1-torchdist", "tp1to2-torchdist", "tp2to1-nixl"])
 def test_heterogeneous_tp_equals_hf(p_tp, d_tp, backend, hf_model_dir):
     model_dir = hf_model_dir("deepseek_v3")

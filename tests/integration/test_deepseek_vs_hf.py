@@ -55,7 +55,11 @@ CONFIGS = {
 
 
 def case(variant: str, config: str):
-    return pytest.param(variant, config, id=f"{variant}-{config}", marks=[pytest.mark.slow])
+    # The full matrix is `heavy` (the default run skips it: pytest -m heavy), except one TP 2
+    # case with preemption and chunking, which the default run keeps.
+    keep = (variant, config) == ("deepseek_v3", "tp2_preempt_chunk16")
+    return pytest.param(variant, config, id=f"{variant}-{config}",
+                        marks=[pytest.mark.slow] + ([] if keep else [pytest.mark.heavy]))
 
 
 # The HF reference alone (10 prompts x 32 tokens, batch 1) takes ~45 s on 2 idle cores, so

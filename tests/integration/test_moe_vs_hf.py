@@ -55,7 +55,7 @@ MOE_CONFIGS = {
 
 
 def _case(case: str, slow: bool = False):
-    return pytest.param(case, id=case.replace(":", "-"), marks=[pytest.mark.slow] if slow else [])
+    return pytest.param(case, id=case.replace(":", "-"), marks=[pytest.mark.slow, pytest.mark.heavy] if slow else [])
 
 
 CASES = [

@@ -196,3 +196,13 @@ def test_loader_names_a_missing_expert(tmp_path):
     save_file(tensors, str(tmp_path / "model.safetensors"))
     model = load_model(m, TPGroup(), torch.float32, "cpu", 64)
     assert torch.equal(model.layers[0].mlp.experts.w13[1, I:], tensors["model.layers.0.block_sparse_moe.experts.1.w3.weight"])
+
+
+def test_fused_experts_torch_with_no_tokens():
+    """A rank that receives no rows (all-to-all dispatch) computes an empty result."""
+    from pdserve.engine.moe import fused_experts_torch
+
+    x = torch.zeros(0, 8)
+    out = fused_experts_torch(x, torch.randn(2, 12, 8), torch.randn(2, 8, 6), torch.zeros(0, 1),
+                              torch.zeros(0, 1, dtype=torch.long))
+    assert out.shape == (0, 8)
