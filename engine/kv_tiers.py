@@ -83,8 +83,6 @@ class TierIndex:
         self._entries: OrderedDict[int, _Entry] = OrderedDict()  # LRU first
         self._free = list(range(num_slots - 1, -1, -1))
         self._events: list = []
-        self.num_stored = 0
-        self.num_evicted = 0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -117,14 +115,12 @@ class TierIndex:
             slot = e.slot
             evicted = (victim, e.token_ids, slot)
             self._events.append(BlockRemoved((victim,), tier=self.tier))
-            self.num_evicted += 1
         self._add(block_hash, tuple(token_ids), slot)
         return slot, evicted
 
     def _add(self, block_hash: int, token_ids: tuple[int, ...], slot: int) -> None:
         self._entries[block_hash] = _Entry(slot, token_ids)
         self._events.append(BlockStored((block_hash,), None, token_ids, self.block_size, tier=self.tier))
-        self.num_stored += 1
 
     def restore(self, entries: Sequence[tuple[int, int, tuple[int, ...]]]) -> None:
         """Re-index what a tier already holds (a disk tier after a restart): ``(slot,
@@ -169,10 +165,6 @@ class HostKVCache:
         self._stream = torch.cuda.Stream(kv_cache.device) if self.is_cuda else None
         self.num_saved = 0
         self.num_loaded = 0
-
-    @staticmethod
-    def block_bytes(kv_cache: torch.Tensor) -> int:
-        return kv_cache[:, 0].numel() * kv_cache.element_size()
 
     def save(self, ops: torch.Tensor) -> None:
         """Region -> host, before anything overwrites the blocks. ``ops``: [K, 2] (block id, slot)."""
