@@ -172,6 +172,9 @@ class KVPoolClient:
         self._down_until: float | None = None
         self._down_reason = ""
         self._store = None
+        self.library_calls = 0
+        """Batch calls that reached the library (fail-fast refusals do not): a counter for
+        metrics, and the proof in tests that a down master is not waited on twice."""
         host, port = config.master_host_port
         if not can_connect(host, port, config.connect_timeout_s):
             raise KVPoolUnavailable(f"KV pool master {config.master_address} is not reachable")
@@ -312,6 +315,7 @@ class KVPoolClient:
                 raise KVPoolUnavailable(self._down_reason)
             if not can_connect(*self.config.master_host_port, self.config.connect_timeout_s):
                 return self._mark_down("still not reachable")
+        self.library_calls += 1
         codes = fn(store)
         if any(c in _UNAVAILABLE for c in codes):
             return self._mark_down(f"call failed (code {next(c for c in codes if c in _UNAVAILABLE)})")

@@ -69,6 +69,8 @@ def _peer(conn, config: KVPoolConfig) -> None:
                 result = (hits, [b.tobytes() if h else None for b, h in zip(bufs, hits)])
             elif op == "exists":
                 result = client.exists(args)
+            elif op == "counters":
+                result = (client.library_calls, client.is_available)
             elif op == "close":
                 client.close()
                 conn.send(("ok", None))
@@ -179,15 +181,19 @@ def test_master_crash_fails_fast_and_a_restarted_master_is_used_again(master, pe
     assert a.call("put", ([key], [payload])) == [True]
 
     master.kill()  # SIGKILL: a crash, no goodbye to the clients
-    for op, args in (("exists", [key]), ("get", ([key], [8192])), ("put", (["m/crash/tp0/0002"], [payload]))):
-        t0 = time.monotonic()
+    # The call that finds the master gone raises (after the library's own RPC timeout,
+    # seconds); every later call raises without reaching the library: while
+    # retry_interval_s runs, and after it, because the reachability probe fails first.
+    for client in (b, a):
+        calls, available = client.call("counters")
+        assert available
         with pytest.raises(KVPoolUnavailable, match="unavailable"):
-            b.call(op, args)
-        assert time.monotonic() - t0 < 2.0, f"{op} took {time.monotonic() - t0:.1f} s to give up"
-    t0 = time.monotonic()
-    with pytest.raises(KVPoolUnavailable):
-        a.call("exists", [key])
-    assert time.monotonic() - t0 < 2.0
+            client.call("exists", [key])
+        assert client.call("counters") == (calls + 1, False)
+        for op, args in (("get", ([key], [8192])), ("put", (["m/crash/tp0/0002"], [payload]))):
+            with pytest.raises(KVPoolUnavailable, match="unavailable"):
+                client.call(op, args)
+        assert client.call("counters")[0] == calls + 1, "a call waited on the dead master again"
 
     # Same ports, new (empty) master: after retry_interval_s the clients use it again, and
     # once they have re-mounted their segments (the library does, within seconds) puts land.
@@ -223,10 +229,10 @@ def test_cleanup_leaves_no_process_behind(master, peers):
 
 def test_no_master_is_unavailable_at_once():
     config = KVPoolConfig(master_address="127.0.0.1:9", connect_timeout_s=0.5)  # discard port: nothing listens
-    t0 = time.monotonic()
+    # "not reachable" comes from the TCP probe, before the library (whose setup retries
+    # take seconds per attempt) is ever called.
     with pytest.raises(KVPoolUnavailable, match="not reachable"):
         KVPoolClient(config)
-    assert time.monotonic() - t0 < 2.0
 
 
 def test_master_binary_missing_is_named(tmp_path):

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from pathlib import Path
 from typing import Any
 
@@ -81,12 +80,9 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
-def test_deterministic_and_fast(tmp_path: Path, tiny_model_dir: Path) -> None:
-    start = time.perf_counter()
+def test_deterministic(tmp_path: Path, tiny_model_dir: Path) -> None:
     again = make_tiny_model(tmp_path / "again")
-    elapsed = time.perf_counter() - start
     assert tiny_model_digest(again) == tiny_model_digest(tiny_model_dir)
-    assert elapsed < 30
 
 
 def test_seed_changes_weights_only(tmp_path: Path, tiny_model_dir: Path) -> None:
