@@ -221,7 +221,7 @@ def compile_only(arch: int, dtype: torch.dtype) -> int:
         "prefill_attention": (
             prefill_attention._prefill_kernel,
             dict(Q=f"*{dt}", KV=f"*{dt}", Out=f"*{dt}", CuQueryLens="*i32", ContextLens="*i32", BlockTables="*i32",
-                 scale_log2="fp32", stride_q_token="i32", stride_q_head="i32", stride_o_token="i32", stride_o_head="i32",
+                 scale_log2="fp32", v_scale="fp32", stride_q_token="i32", stride_q_head="i32", stride_o_token="i32", stride_o_head="i32",
                  stride_kv_block="i32", stride_kv_kind="i32", stride_kv_head="i32", stride_kv_token="i32", stride_table="i32"),
             dict(GROUP=NUM_HEADS // NUM_KV_HEADS, BLOCK_SIZE=BLOCK_SIZE, HEAD_DIM=HEAD_DIM, BLOCK_M=tiles.block_m,
                  BLOCK_N=tiles.block_n, PRECISION="tf32"),

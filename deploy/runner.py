@@ -85,6 +85,9 @@ def build_parser(role: str | None = None) -> argparse.ArgumentParser:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--num-kv-blocks", type=int, default=None)
     ap.add_argument("--kv-cache-memory", type=int, default=512 << 20, help="KV bytes per rank when --num-kv-blocks is unset")
+    ap.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8_e4m3"],
+                    help="auto: KV cache in --dtype; fp8_e4m3: float8 with per-layer scales (the checkpoint's, "
+                         "else 1.0): half of bfloat16's bytes per block and per transfer")
     ap.add_argument("--kv-offload-memory", type=int, default=0,
                     help="host-memory KV tier per rank, bytes: evicted blocks are kept there and loaded back on a "
                          "prefix hit (default 0: none)")
@@ -138,6 +141,7 @@ class WorkerConfig:
     block_size: int = 16
     num_kv_blocks: int | None = None
     kv_cache_memory: int = 512 << 20
+    kv_cache_dtype: str = "auto"
     kv_offload_memory: int = 0
     kv_offload_dir: str | None = None
     kv_offload_dir_size: int = 16 << 30
@@ -223,7 +227,10 @@ def engine_config(args: WorkerConfig) -> EngineConfig:
         cuda_graphs=args.cuda_graphs,
         cache=CacheConfig(args.block_size, args.num_kv_blocks, args.kv_cache_memory,
                           offload_memory_bytes=args.kv_offload_memory, offload_dir=args.kv_offload_dir,
-                          offload_dir_bytes=args.kv_offload_dir_size),
+                          offload_dir_bytes=args.kv_offload_dir_size, kv_cache_dtype=args.kv_cache_dtype,
+                          # Every rank joins the pool with its own client; a master that does not
+                          # answer at start is logged and the worker serves without the pool.
+                          kv_pool=args.kv_pool_config()),
         scheduler=SchedulerConfig(args.max_num_batched_tokens, args.max_num_seqs),
         parallel=ParallelConfig(args.tensor_parallel_size),
     )
@@ -237,7 +244,7 @@ def worker_info(args: WorkerConfig, role: int, worker_id: str, address: str, eng
         model=model_identity(m),
         kv_layout=pb.KVLayout(layout=KV_LAYOUTS[m.cache_kind], num_layers=m.num_layers, num_kv_heads=m.num_kv_heads,
                               head_dim=m.head_dim, block_size=cfg.cache.block_size,
-                              dtype=str(cfg.dtype).removeprefix("torch."),
+                              dtype=str(cfg.kv_dtype).removeprefix("torch."),
                               tp_size=cfg.parallel.tensor_parallel_size),
         transfer=endpoint, num_kv_blocks=engine.num_blocks, node_id=socket.gethostname(),
         started_at_ms=int(time.time() * 1000),
@@ -384,7 +391,7 @@ async def _heartbeat(store: ControlPlaneStore, info: pb.WorkerInfo, ttl_s: float
             log.warning("heartbeat failed: %s", e)
 
 
-KV_TIERS = {"device": pb.KV_TIER_DEVICE, "host": pb.KV_TIER_HOST, "disk": pb.KV_TIER_DISK}
+KV_TIERS = {"device": pb.KV_TIER_DEVICE, "host": pb.KV_TIER_HOST, "disk": pb.KV_TIER_DISK, "pool": pb.KV_TIER_POOL}
 
 
 def kv_event_messages(worker_id: str, events) -> list[pb.KVEvent]:

@@ -90,6 +90,13 @@ class WorkerCollector(Collector):
                 yield gauge("kv_host_blocks_total", "Blocks of the host KV tier.", s["num_host_blocks_total"])
                 yield gauge("kv_host_blocks_used", "Blocks of the host KV tier holding a block.",
                             s["num_host_blocks_used"])
+                yield counter("kv_pool_hit_tokens", "Prompt tokens read from the cluster-shared KV pool.",
+                              s.get("pool_hit_tokens", 0))
+                yield counter("kv_pool_puts", "KV blocks put to the cluster-shared KV pool.", s.get("pool_puts", 0))
+                yield counter("kv_pool_put_failures", "KV blocks not put to the pool (full, master down).",
+                              s.get("pool_put_failures", 0))
+                yield counter("kv_pool_get_failures", "KV blocks whose read from the pool failed (master down).",
+                              s.get("pool_get_failures", 0))
             yield gauge("stats_age_seconds", "Age of the engine figures in this scrape.",
                         time.monotonic() - (self.snapshot_time or time.monotonic()))
 

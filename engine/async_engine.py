@@ -225,9 +225,10 @@ class AsyncEngine:
 
     def _only_awaiting_kv(self) -> bool:
         """Nothing to step: every unfinished request waits for a prefill worker's KV (a
-        request loading from the KV tiers does not: the next step promotes it)."""
+        request loading from the KV tiers does not: the next step promotes it; nor one
+        reading from the KV pool: steps poll the reads)."""
         s = self.engine.scheduler
-        return not s.running and not s.waiting and not s.loading
+        return not s.running and not s.waiting and not s.loading and not s.pool_fetching
 
     def _dispatch(self, deltas: list[CompletionDelta]) -> None:
         """Queue each request's deltas for delivery by the next ``_flush`` (engine thread)."""

@@ -60,9 +60,30 @@ class AttentionMetadata:
             self.decode_mask = (keys[None, :] < self.decode_context_lens[:, None])[:, None, None, :]
 
 
-def store_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Write new keys/values into their slots. kv_layer: [N, 2, Hkv, bs, D]; k, v: [T, Hkv, D]."""
+FP8_MAX = 448.0
+"""Largest finite float8_e4m3fn value; quantization clamps to it (e4m3fn has no inf)."""
+FP8_KV_DTYPE = torch.float8_e4m3fn
+
+
+def quantize_kv(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """One plane of new keys or values as stored in an FP8 cache: ``x / scale`` rounded to
+    float8_e4m3fn, clamped first so an outlier saturates instead of becoming NaN. The
+    kernels (engine/kernels/kv_store.py) compute exactly this."""
+    x = x.float()
+    # Divide by a tensor: CUDA turns ``tensor / python_float`` into a multiply by the
+    # reciprocal, which is not always the correctly rounded quotient the kernel computes.
+    return (x / torch.full_like(x, scale)).clamp(-FP8_MAX, FP8_MAX).to(FP8_KV_DTYPE)
+
+
+def store_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
+             k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+    """Write new keys/values into their slots. kv_layer: [N, 2, Hkv, bs, D]; k, v: [T, Hkv, D].
+
+    An FP8 cache stores ``quantize_kv(k, k_scale)`` and ``quantize_kv(v, v_scale)``; any
+    other cache stores k and v as they are (the scales are not used)."""
     _, _, num_heads, block_size, head_dim = kv_layer.shape
+    if kv_layer.dtype == FP8_KV_DTYPE:  # index_copy_ has no float8 kernel: copy the bytes
+        kv_layer, k, v = kv_layer.view(torch.uint8), quantize_kv(k, k_scale).view(torch.uint8), quantize_kv(v, v_scale).view(torch.uint8)
     blocks = torch.div(slot_mapping, block_size, rounding_mode="floor")
     offsets = slot_mapping - blocks * block_size
     # Row (block, kv, head, offset) of the cache viewed as [N * 2 * Hkv * bs, D]. NOTE: index_copy_
@@ -72,10 +93,13 @@ def store_kv(kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, slot_mapp
     kv_layer.view(-1, head_dim).index_copy_(0, rows, torch.cat([k.reshape(-1, head_dim), v.reshape(-1, head_dim)]))
 
 
-def gather_kv(kv_layer: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
+def gather_kv(kv_layer: torch.Tensor, block_ids: torch.Tensor, dtype: torch.dtype | None = None,
+              k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
     """Copy the listed blocks out as contiguous per-head sequences.
 
     kv_layer: [N, 2, Hkv, bs, D]; block_ids: [nb] or [B, nb] -> [2, (B,) Hkv, nb * bs, D].
+    From an FP8 cache the result is dequantized to ``dtype``: the stored values, as
+    float32, times ``k_scale`` (plane 0) and ``v_scale`` (plane 1).
     NOTE: index_select on the contiguous region reads only the listed blocks; advanced
     indexing on a transposed view first materialises the whole layer (measured ~500x slower).
     """
@@ -85,20 +109,26 @@ def gather_kv(kv_layer: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor:
         g = g.permute(1, 2, 0, 3, 4)
     else:  # [B, nb, 2, H, bs, D] -> [2, B, H, nb, bs, D]
         g = g.permute(2, 0, 3, 1, 4, 5)
-    return g.flatten(-3, -2)
+    g = g.flatten(-3, -2)
+    if kv_layer.dtype == FP8_KV_DTYPE:
+        scales = torch.tensor([k_scale, v_scale], device=g.device).view(2, *[1] * (g.dim() - 1))
+        g = (g.float() * scales).to(dtype or torch.float32)
+    return g
 
 
 def paged_attention(
-    q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float
+    q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float,
+    k_scale: float = 1.0, v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Attention of this step's queries over the paged cache (new keys already stored).
 
     q: [T, H, D] -> [T, H, D]. Grouped-query: query head h reads KV head h // (H / Hkv).
+    An FP8 cache is dequantized (``gather_kv``) to q's dtype first.
     """
     out = torch.empty_like(q)
     nd = meta.num_decodes
     if nd:
-        k, v = gather_kv(kv_layer, meta.decode_block_tables)  # [B, Hkv, S, D] each
+        k, v = gather_kv(kv_layer, meta.decode_block_tables, q.dtype, k_scale, v_scale)  # [B, Hkv, S, D] each
         num_kv_heads = k.shape[1]
         # The H / Hkv query heads sharing a KV head become that head's query rows: the same
         # math as enable_gqa, and measured 6x faster in bfloat16 on the CPU flash kernel.
@@ -107,7 +137,7 @@ def paged_attention(
         out[:nd] = o.reshape(nd, -1, q.shape[-1])
     start = nd
     for q_len, ctx_len, block_ids in zip(meta.prefill_query_lens, meta.prefill_context_lens, meta.prefill_block_ids):
-        kv = gather_kv(kv_layer, block_ids)[:, :, :ctx_len]  # [2, Hkv, ctx, D]
+        kv = gather_kv(kv_layer, block_ids, q.dtype, k_scale, v_scale)[:, :, :ctx_len]  # [2, Hkv, ctx, D]
         k, v = kv[0], kv[1]
         qs = q[start : start + q_len].transpose(0, 1)  # [H, q_len, D]
         if q_len == ctx_len:
@@ -159,11 +189,14 @@ class AttentionBackend:
         meta.build_decode_mask(block_size)
         return meta
 
-    def store_kv(self, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata) -> None:
-        store_kv(kv_layer, k, v, meta.slot_mapping)
+    def store_kv(self, kv_layer: torch.Tensor, k: torch.Tensor, v: torch.Tensor, meta: AttentionMetadata,
+                 k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+        """``k_scale`` / ``v_scale``: the layer's FP8 scales (used only by an FP8 cache)."""
+        store_kv(kv_layer, k, v, meta.slot_mapping, k_scale, v_scale)
 
-    def forward(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float) -> torch.Tensor:
-        return paged_attention(q, kv_layer, meta, scale)
+    def forward(self, q: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata, scale: float,
+                k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
+        return paged_attention(q, kv_layer, meta, scale, k_scale, v_scale)
 
 
 class TritonAttentionBackend(AttentionBackend):
@@ -204,19 +237,21 @@ class TritonAttentionBackend(AttentionBackend):
             max_prefill_query_len=int(query_lens.max()) if query_lens.numel() else 0,
         )
 
-    def store_kv(self, kv_layer, k, v, meta) -> None:
-        self._store(kv_layer, k, v, meta.slot_mapping)
+    def store_kv(self, kv_layer, k, v, meta, k_scale: float = 1.0, v_scale: float = 1.0) -> None:
+        self._store(kv_layer, k, v, meta.slot_mapping, k_scale=k_scale, v_scale=v_scale)
 
-    def forward(self, q, kv_layer, meta, scale) -> torch.Tensor:
+    def forward(self, q, kv_layer, meta, scale, k_scale: float = 1.0, v_scale: float = 1.0) -> torch.Tensor:
         q = q.contiguous()
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd:
-            self._decode(q[:nd], kv_layer, meta.decode_block_tables, meta.decode_context_lens, scale, out=out[:nd])
+            self._decode(q[:nd], kv_layer, meta.decode_block_tables, meta.decode_context_lens, scale, out=out[:nd],
+                         k_scale=k_scale, v_scale=v_scale)
         if q.shape[0] > nd:
             self._prefill(
                 q[nd:], kv_layer, meta.prefill_cu_query_lens, meta.prefill_context_lens_tensor,
                 meta.prefill_block_tables, scale, out=out[nd:], max_query_len=meta.max_prefill_query_len,
+                k_scale=k_scale, v_scale=v_scale,
             )
         return out
 

@@ -10,8 +10,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+
+if TYPE_CHECKING:
+    from ..kvtransfer.kvpool import KVPoolConfig
 
 ATTENTION_BACKENDS = ("auto", "torch", "triton")
 
@@ -303,6 +307,9 @@ def _eos_ids(model_dir: Path, cfg: dict) -> tuple[int, ...]:
     return tuple(ids)
 
 
+KV_CACHE_DTYPES = ("auto", "fp8_e4m3")
+
+
 @dataclass(frozen=True)
 class CacheConfig:
     block_size: int = 16
@@ -319,8 +326,20 @@ class CacheConfig:
     """Disk tier below the host tier: blocks the host tier evicts are written there (a
     file per block, LRU, ``offload_dir_bytes`` per rank) and survive a restart."""
     offload_dir_bytes: int = 16 << 30
+    kv_cache_dtype: str = "auto"
+    """"auto": the KV cache holds keys and values in the model's dtype; "fp8_e4m3": in
+    float8_e4m3fn with a scale per layer for K and one for V (``engine.attention.quantize_kv``):
+    half of bfloat16's bytes per block, on every transfer and tier."""
+    kv_pool: KVPoolConfig | None = None
+    """The cluster-shared KV pool (Mooncake Store) below the host tier, which it fills
+    (``engine/kv_pool_tier.py``); needs ``offload_memory_bytes``. None: no pool."""
 
     def __post_init__(self) -> None:
+        if self.kv_pool is not None and not self.offload_memory_bytes:
+            raise ValueError("the KV pool (--kv-pool-master, LLM(kv_pool=...)) needs a host tier to fill: set "
+                             "--kv-offload-memory (LLM: kv_offload_memory, CacheConfig.offload_memory_bytes)")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {KV_CACHE_DTYPES}, got {self.kv_cache_dtype!r}")
         if self.offload_dir is not None and not self.offload_memory_bytes:
             raise ValueError("offload_dir needs offload_memory_bytes (the disk tier sits below the host tier)")
         if self.offload_dir_bytes < 1:
@@ -452,6 +471,9 @@ class EngineConfig:
             )
         if self.cuda_graphs and mla is not None:
             raise ValueError("cuda_graphs=True is not supported for MLA models (DeepSeek) yet")
+        if self.cache.kv_cache_dtype != "auto" and mla is not None:
+            raise ValueError(f"kv_cache_dtype={self.cache.kv_cache_dtype!r} is not supported for MLA models "
+                             "(DeepSeek's latent cache) yet; use kv_cache_dtype='auto'")
         tp = self.parallel.tensor_parallel_size
         routing = self.model.grouped_topk
         if routing is not None and self.model.moe is not None:
@@ -474,6 +496,11 @@ class EngineConfig:
                 f"shared_expert_intermediate_size={moe.shared_expert_intermediate_size} is not divisible by "
                 f"tensor_parallel_size={tp}"
             )
+
+    @property
+    def kv_dtype(self) -> torch.dtype:
+        """The KV cache's element type (``CacheConfig.kv_cache_dtype``)."""
+        return torch.float8_e4m3fn if self.cache.kv_cache_dtype == "fp8_e4m3" else self.dtype
 
     @property
     def context_len(self) -> int:

@@ -50,6 +50,14 @@ class EngineStats:
     """Of the prefix hits, tokens loaded back from the host tier."""
     num_host_blocks_total: int = 0
     num_host_blocks_used: int = 0
+    pool_hit_tokens: int = 0
+    """Prompt tokens read from the cluster-shared KV pool into the host tier."""
+    pool_puts: int = 0
+    """Blocks put to the KV pool (rank 0's shards; already there counts)."""
+    pool_put_failures: int = 0
+    """Blocks not put (pool full, master unreachable): a lost future hit, nothing more."""
+    pool_get_failures: int = 0
+    """Blocks whose pool read failed (master unreachable): their requests computed them."""
 
 
 class _Completion:
@@ -125,6 +133,9 @@ class LLMEngine:
         self._remote_prefills: list[RemotePrefill] = []
         self._last_logits: tuple[torch.Tensor, list[Request]] | None = None
         self.executor = make_executor(config, num_blocks)
+        pool = getattr(self.executor.runner, "pool", None)
+        self.kv.pool_enabled = pool is not None and pool.client is not None  # rank 0 joined the pool
+        self.num_pool_puts = self.num_pool_put_failures = self.num_pool_get_failures = 0
         self._pending_text: list[tuple[_Completion, int, dict[int, float] | None, str | None]] = []
         """Tokens appended whose text is not processed yet (see ``step``)."""
         self._stopped: set[str] = set()
@@ -364,6 +375,10 @@ class LLMEngine:
             tier_hit_tokens=s.num_host_hit_tokens,
             num_host_blocks_total=self.num_host_blocks,
             num_host_blocks_used=len(self.kv.host) if self.kv.host is not None else 0,
+            pool_hit_tokens=s.num_pool_hit_tokens,
+            pool_puts=self.num_pool_puts,
+            pool_put_failures=self.num_pool_put_failures,
+            pool_get_failures=self.num_pool_get_failures,
         )
 
     # -- the loop ------------------------------------------------------------------
@@ -376,11 +391,12 @@ class LLMEngine:
         self._remote_prefills.extend(sched.remote_prefills)
         copies = self.kv.take_copy_ops()  # tier copies: every rank runs them first
         if sched.is_empty:
-            if copies:
-                self.executor.execute(StepInputs.copies_only(copies))
+            fetching = bool(self.scheduler.pool_fetching)
+            if copies or fetching:  # (a step with no copies polls the pool reads)
+                self._pool_report(self.executor.execute(StepInputs.copies_only(copies)))
             deltas = self._process_text()
             if (not deltas and self.scheduler.has_unfinished and not self.scheduler.awaiting_kv
-                    and not self.scheduler.loading):
+                    and not self.scheduler.loading and not fetching):
                 raise RuntimeError("scheduler made no progress with requests pending (pool too small?)")
             return deltas
         ordered = order_for_step(sched.scheduled)
@@ -397,6 +413,7 @@ class LLMEngine:
         if output.prompt_logprobs is not None:
             add_prompt_logprobs(ordered, output.prompt_logprobs)  # before num_computed_tokens moves on
         self.scheduler.update_after_step(sched)
+        self._pool_report(output)
         for i, req in enumerate(sampling):
             if req.request_id in self._stopped:
                 continue  # a stop string ended it in the previous step's text: drop this token
@@ -427,6 +444,19 @@ class LLMEngine:
         finally:
             output = future.result()
         return output, deltas
+
+    def _pool_report(self, output: ModelOutput) -> None:
+        """Rank 0's KV pool news of the step: reads every rank finished (their requests go
+        back to the queue), blocks put (published as tier "pool"), failures."""
+        report = output.pool
+        if report is None:
+            return
+        if report.fetched:
+            self.scheduler.pool_results(report.fetched)
+        self.kv.pool_stored(report.stored)
+        self.num_pool_puts += len(report.stored)
+        self.num_pool_put_failures += report.num_put_failures
+        self.num_pool_get_failures += report.num_get_failures
 
     def _fail(self, req: Request, error: str) -> CompletionDelta:
         comp = self._completions[req.request_id]

@@ -107,6 +107,7 @@ class LocalExecutor:
         if self.extension is not None:
             self.extension.close()
             self.extension = None
+        self.runner.close()
 
 
 def _free_port() -> int:
@@ -186,6 +187,7 @@ def _worker_main(config: EngineConfig, num_blocks: int, rank: int, port: int, st
     finally:
         if extension is not None:
             extension.close()
+        runner.close()
         dist.destroy_process_group()
 
 
@@ -355,6 +357,7 @@ class MultiprocExecutor:
             if all(p.is_alive() for p in self.procs):
                 _send_header(_CMD_STOP, None, self.config.device)
         finally:
+            self.runner.close()  # the other ranks leave the pool meanwhile
             for p in self.procs:
                 p.join(timeout=30)
                 if p.is_alive():

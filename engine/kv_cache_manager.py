@@ -7,11 +7,11 @@ freeing. Block ids leave through ``block_ids``; ``KVBlock`` objects stay inside.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
-from .block_pool import BlockPool, KVBlock, KVEvent
+from .block_pool import BlockPool, BlockStored, KVBlock, KVEvent
 from .kv_tiers import TierIndex, as_int64
 from .request import Request
 
@@ -60,9 +60,13 @@ class CopyOps:
     """(host slot, region block id): host -> region, asynchronous."""
     disk_loads: list[tuple[int, int, int]]
     """(disk slot, region block id, block hash as int64): disk -> region, asynchronous."""
+    pool_puts: list[tuple[int, int]] = field(default_factory=list)
+    """(host slot, block hash as int64): blocks saved this step, also put to the KV pool."""
+    pool_gets: list[tuple[int, int, int]] = field(default_factory=list)
+    """(job id, reserved host slot, block hash as int64): KV pool -> host (``kv_pool_tier``)."""
 
     def __bool__(self) -> bool:
-        return bool(self.spills or self.saves or self.loads or self.disk_loads)
+        return bool(self.spills or self.saves or self.loads or self.disk_loads or self.pool_puts or self.pool_gets)
 
 
 class KVCacheManager:
@@ -82,6 +86,11 @@ class KVCacheManager:
         self._fresh: list[int] = []
         """Host entries whose save is not run yet (pinned: a spill must not read them)."""
         self._disk_load_ops: list[tuple[int, int, int]] = []
+        self.pool_enabled = False
+        """The KV pool fills the host tier (set by the engine once rank 0 joined the pool)."""
+        self._pool_put_ops: list[tuple[int, int]] = []
+        self._pool_get_ops: list[tuple[int, int, int]] = []
+        self._pool_events: list[KVEvent] = []
         if num_host_blocks and enable_prefix_caching:
             self.host = TierIndex(num_host_blocks, block_size)
             self.pool.on_evict = self._evicting
@@ -137,16 +146,24 @@ class KVCacheManager:
 
     # -- the host tier ---------------------------------------------------------------
 
-    def _evicting(self, block: KVBlock) -> None:
-        slot, victim = self.host.insert(block.block_hash, block.token_ids)
+    def _host_slot(self, block_hash: int, token_ids, reserve: bool = False) -> int | None:
+        """A host slot for a block (``TierIndex.insert``, or ``reserve`` for a pool fetch);
+        the entry evicted to make room goes down to the disk tier, if there is one."""
+        slot, victim = (self.host.reserve if reserve else self.host.insert)(block_hash, token_ids)
         if victim is not None and self.disk is not None:
             vh, vtokens, vslot = victim
             dslot, _ = self.disk.insert(vh, vtokens)
             if dslot is not None:
                 self._spill_ops.append((vslot, dslot, as_int64(vh)))
                 self._disk_meta.write(dslot, vh, vtokens)
+        return slot
+
+    def _evicting(self, block: KVBlock) -> None:
+        slot = self._host_slot(block.block_hash, block.token_ids)
         if slot is not None:
             self._save_ops.append((block.block_id, slot))
+            if self.pool_enabled:
+                self._pool_put_ops.append((slot, as_int64(block.block_hash)))
             # Its bytes land with this step's saves, after its spills: not a victim before.
             self.host.pin(block.block_hash)
             self._fresh.append(block.block_hash)
@@ -176,11 +193,55 @@ class KVCacheManager:
         for h, _ in hit.disk:
             self.disk.unpin(h)
 
+    # -- the KV pool (``kv_pool_tier``) -------------------------------------------------
+
+    def reserve_pool_fetch(self, job: int, request: Request, first: int, num_blocks: int) -> list[int]:
+        """Reserve host slots for the request's blocks ``first..first+num_blocks-1`` (fewer
+        when a block is held or reserved already, or every slot is pinned) and queue their
+        pool gets; returns the slots, in block order."""
+        bs = self.block_size
+        slots = []
+        for i in range(first, first + num_blocks):
+            h = request.block_hashes[i]
+            slot = self._host_slot(h, request.token_at(i * bs, (i + 1) * bs), reserve=True)
+            if slot is None:
+                break
+            slots.append(slot)
+            self._pool_get_ops.append((job, slot, as_int64(h)))
+        return slots
+
+    def end_pool_fetch(self, slots: list[int], num_fetched: int) -> list[int]:
+        """Every rank read the first ``num_fetched`` of ``slots``: they become host-tier
+        entries, pinned (``unpin_blocks`` them once the request looked them up); the rest
+        are freed. Returns the hashes of the new entries."""
+        out = []
+        for i, slot in enumerate(slots):
+            if i < num_fetched:
+                h = self.host.confirm(slot)
+                if h is not None:
+                    self.host.pin(h)
+                    out.append(h)
+            else:
+                self.host.release(slot)
+        return out
+
+    def unpin_blocks(self, hashes: list[int]) -> None:
+        for h in hashes:
+            self.host.unpin(h)
+
+    def pool_stored(self, hashes: list[int]) -> None:
+        """Rank 0 put these blocks to the pool: published with tier "pool" (routers count
+        them as held by every worker of the pool)."""
+        if hashes:
+            self._pool_events.append(BlockStored(tuple(hashes), None, (), self.block_size, tier="pool"))
+
     def take_copy_ops(self) -> "CopyOps":
         """The tier copies decided since the last call: the next forward's ranks run them
         first (``kv_tiers`` ordering)."""
-        ops = CopyOps(self._spill_ops, self._save_ops, self._load_ops, self._disk_load_ops)
+        ops = CopyOps(self._spill_ops, self._save_ops, self._load_ops, self._disk_load_ops,
+                      self._pool_put_ops, self._pool_get_ops)
         self._spill_ops, self._save_ops, self._load_ops, self._disk_load_ops = [], [], [], []
+        self._pool_put_ops, self._pool_get_ops = [], []
         for h in self._fresh:
             self.host.unpin(h)
         self._fresh = []
@@ -259,6 +320,9 @@ class KVCacheManager:
         for tier in (self.host, self.disk):
             if tier is not None:
                 events += tier.take_events()
+        if self._pool_events:
+            events += self._pool_events
+            self._pool_events = []
         return events
 
 

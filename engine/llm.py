@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,6 +15,9 @@ from .kv_cache_manager import KVCacheStats
 from .outputs import RequestOutput
 from .sampling_params import SamplingParams
 from .tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from ..kvtransfer.kvpool import KVPoolConfig
 
 Prompt = str | Sequence[int]
 
@@ -35,6 +39,7 @@ class LLM:
         kv_offload_memory: int = 0,
         kv_offload_dir: str | None = None,
         kv_offload_dir_bytes: int = 16 << 30,
+        kv_cache_dtype: str = "auto",
         max_num_batched_tokens: int = 2048,
         prefill_chunk_size: int | None = None,
         max_num_seqs: int = 256,
@@ -45,7 +50,10 @@ class LLM:
         cuda_graphs: bool | None = None,
         overlap_output_processing: bool = True,
         expert_dispatch: str = "all_reduce",
+        kv_pool: KVPoolConfig | None = None,
     ) -> None:
+        """``kv_pool``: join the cluster-shared KV pool below the host tier (needs
+        ``kv_offload_memory``); every rank builds its own client from it."""
         config = EngineConfig(
             model=ModelConfig.from_dir(model),
             dtype=parse_dtype(dtype),
@@ -53,7 +61,7 @@ class LLM:
             cache=CacheConfig(block_size, num_kv_blocks, kv_cache_memory, enable_prefix_caching,
                               offload_memory_bytes=kv_offload_memory,
                               offload_dir=None if kv_offload_dir is None else str(kv_offload_dir),
-                              offload_dir_bytes=kv_offload_dir_bytes),
+                              offload_dir_bytes=kv_offload_dir_bytes, kv_cache_dtype=kv_cache_dtype, kv_pool=kv_pool),
             scheduler=SchedulerConfig(max_num_batched_tokens, max_num_seqs, prefill_chunk_size),
             parallel=ParallelConfig(tensor_parallel_size, expert_dispatch=expert_dispatch),
             seed=seed,

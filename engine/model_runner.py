@@ -18,11 +18,12 @@ from dataclasses import dataclass, field, fields
 import numpy as np
 import torch
 
-from .attention import AttentionBackend, AttentionMetadata, make_attention_backend
+from .attention import FP8_KV_DTYPE, AttentionBackend, AttentionMetadata, make_attention_backend
 from .cuda_graphs import DecodeGraphRunner
 from .config import EngineConfig
+from .kv_pool_tier import IDLE_POLL_S, KVPoolAgent, PoolReport, make_pool_agent
 from .kv_tiers import DiskKVFiles, HostKVCache, layout_digest
-from .loader import load_model
+from .loader import kv_scales_for, load_model
 from .moe import set_expert_dispatch
 from .parallel import TPGroup
 from .scheduler import ScheduledRequest
@@ -63,6 +64,11 @@ class StepInputs:
     tier before this step's saves reuse their slots."""
     kv_disk_load_ops: torch.Tensor = field(default_factory=lambda: _EMPTY.view(0, 3).clone())
     """[K, 3] (disk slot, region block id, block hash): disk-tier blocks to copy in."""
+    kv_pool_put_ops: torch.Tensor = field(default_factory=lambda: _EMPTY.view(0, 2).clone())
+    """[K, 2] (host slot, block hash): blocks this step saves to the host tier, also put
+    to the KV pool (``kv_pool_tier``)."""
+    kv_pool_get_ops: torch.Tensor = field(default_factory=lambda: _EMPTY.view(0, 3).clone())
+    """[K, 3] (job id, reserved host slot, block hash): blocks to read from the KV pool."""
 
     def set_copy_ops(self, ops) -> "StepInputs":
         """Attach a ``kv_cache_manager.CopyOps``."""
@@ -70,6 +76,8 @@ class StepInputs:
         self.kv_save_ops = ops_tensor(ops.saves)
         self.kv_load_ops = ops_tensor(ops.loads)
         self.kv_disk_load_ops = ops_tensor(ops.disk_loads, 3)
+        self.kv_pool_put_ops = ops_tensor(ops.pool_puts)
+        self.kv_pool_get_ops = ops_tensor(ops.pool_gets, 3)
         return self
 
     @classmethod
@@ -95,7 +103,8 @@ class StepInputs:
         moved = [t.to(device, non_blocking=True) for t in self.tensors()]
         out = StepInputs.from_tensors(moved)
         out.prefill_lens = self.prefill_lens.cpu()
-        for name in ("kv_save_ops", "kv_load_ops", "kv_spill_ops", "kv_disk_load_ops"):
+        for name in ("kv_save_ops", "kv_load_ops", "kv_spill_ops", "kv_disk_load_ops", "kv_pool_put_ops",
+                     "kv_pool_get_ops"):
             setattr(out, name, getattr(self, name).cpu())
         return out
 
@@ -209,6 +218,8 @@ class ModelOutput:
     """float32 [num_sampled, vocab], the rows ``logits_indices`` names."""
     prompt_logprobs: PromptLogprobRows | None = None
     """Rank 0, when the step has prompt-logprob rows."""
+    pool: PoolReport | None = None
+    """With a KV pool: the pool reads every rank finished, and what was put (``kv_pool_tier``)."""
 
 
 def add_prompt_logprobs(ordered: list[ScheduledRequest], rows: PromptLogprobRows) -> None:
@@ -237,7 +248,7 @@ def kv_block_bytes(config: EngineConfig, tp: TPGroup) -> int:
     """Bytes one block takes on one rank: every layer, K and V (or the MLA latent), this rank's KV heads."""
     m = config.model
     _, kv_heads = tp.kv_head_shard(m.num_kv_heads)
-    elem = torch.empty((), dtype=config.dtype).element_size()
+    elem = torch.empty((), dtype=config.kv_dtype).element_size()
     return m.num_layers * m.num_cache_planes * kv_heads * config.cache.block_size * m.head_dim * elem
 
 
@@ -253,16 +264,23 @@ class ModelRunner:
         m = config.model
         self.kv_cache = torch.zeros(
             m.num_layers, num_blocks, m.num_cache_planes, self.model.num_local_kv_heads, self.block_size, m.head_dim,
-            dtype=config.dtype, device=config.device,
+            dtype=config.kv_dtype, device=config.device,
         )
+        self.kv_scales = kv_scales_for(self.model, config) if config.kv_dtype == FP8_KV_DTYPE else None
+        """Per-layer (k_scale, v_scale) of an FP8 cache; None otherwise."""
+        # The tiers copy bytes; float8 has no CPU index_copy_/index_put_, so they see uint8.
+        copyable = self.kv_cache.view(torch.uint8) if config.kv_dtype == FP8_KV_DTYPE else self.kv_cache
         self.host_kv: HostKVCache | None = None
         num_host_blocks = config.cache.num_host_blocks(kv_block_bytes(config, tp))
         if num_host_blocks:
             disk = None
             if config.cache.offload_dir is not None:
                 disk = DiskKVFiles(config.cache.offload_dir, tp.rank, layout_digest(config),
-                                   (self.kv_cache.shape[0], *self.kv_cache.shape[2:]), self.kv_cache.dtype)
-            self.host_kv = HostKVCache(self.kv_cache, num_host_blocks, disk)
+                                   (copyable.shape[0], *copyable.shape[2:]), copyable.dtype)
+            self.host_kv = HostKVCache(copyable, num_host_blocks, disk)
+        self.pool: KVPoolAgent | None = None
+        if getattr(config.cache, "kv_pool", None) is not None and self.host_kv is not None:
+            self.pool = make_pool_agent(config, tp, self.host_kv.host)
         self.graphs: DecodeGraphRunner | None = None
         if config.cuda_graphs_enabled:
             self.graphs = DecodeGraphRunner(
@@ -282,14 +300,23 @@ class ModelRunner:
         """Run one step: the sampled rows' logits (every rank) and the prompt-logprob rows (rank 0)."""
         # Only rank 0 reduces to the top-k; it reads k before the move, from the host (no sync).
         k = int(inputs.prompt_logprobs_k[0]) if self.tp.rank == 0 and inputs.prompt_logprobs_k.shape[0] else 0
+        pool = None
         if self.host_kv is not None:
             self.host_kv.wait()  # the previous step's loads land before anything reads them
+            if self.pool is not None:  # every rank, at the same point: it may be a collective
+                pool = self.pool.poll(0.0 if inputs.num_tokens else IDLE_POLL_S)
             if inputs.kv_spill_ops.shape[0]:
                 self.host_kv.spill(inputs.kv_spill_ops.cpu())
-            self.host_kv.save(inputs.kv_save_ops.cpu())
+            saves = inputs.kv_save_ops.cpu()
+            if self.pool is not None and saves.shape[0]:
+                self.pool.wait_slots(saves[:, 1].tolist())  # a put may still read a reused slot
+            self.host_kv.save(saves)
+            if self.pool is not None:  # after the spills and saves: gets overwrite their slots
+                self.pool.put(inputs.kv_pool_put_ops.cpu())
+                self.pool.start_gets(inputs.kv_pool_get_ops.cpu())
             self.host_kv.start_loads(inputs.kv_load_ops.cpu(), inputs.kv_disk_load_ops.cpu())
         if not inputs.num_tokens:
-            return ModelOutput(torch.empty(0, self.config.model.vocab_size))
+            return ModelOutput(torch.empty(0, self.config.model.vocab_size), pool=pool)
         device = self.config.device
         if self.graphs is not None and self.graphs.can_run(inputs):
             hidden = self.graphs.run(inputs)
@@ -304,7 +331,13 @@ class ModelRunner:
         if inputs.prompt_logprobs_indices.shape[0]:
             prompt_logprobs = self._prompt_logprobs(
                 hidden, inputs.prompt_logprobs_indices.to(device), inputs.prompt_logprobs_token_ids.to(device), k)
-        return ModelOutput(logits, prompt_logprobs)
+        return ModelOutput(logits, prompt_logprobs, pool)
+
+    def close(self) -> None:
+        """Leave the KV pool, if this rank joined it."""
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
 
     def _prompt_logprobs(
         self, hidden: torch.Tensor, indices: torch.Tensor, token_ids: torch.Tensor, k: int

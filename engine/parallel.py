@@ -23,6 +23,12 @@ class TPGroup:
             dist.all_reduce(x)
         return x
 
+    def all_reduce_min(self, x: torch.Tensor) -> torch.Tensor:
+        """Element-wise minimum over the ranks (in place)."""
+        if self.size > 1:
+            dist.all_reduce(x, op=dist.ReduceOp.MIN)
+        return x
+
     def all_gather(self, x: torch.Tensor) -> torch.Tensor:
         """Concatenate every rank's ``x`` along the last dimension."""
         if self.size == 1:

@@ -21,6 +21,12 @@ from .config import SchedulerConfig
 from .kv_cache_manager import KVCacheManager, PrefixHit
 from .request import Request, RequestStatus
 
+POOL_FETCH_MAX_BLOCKS = 64
+"""Most blocks one request asks the KV pool for at once (host slots it reserves)."""
+POOL_MAX_RESERVED_FRACTION = 0.5
+"""Reads in flight hold at most this share of the host tier's slots, so a burst of cold
+prompts (misses, mostly) cannot push every block the host tier holds out for them."""
+
 
 @dataclass(frozen=True)
 class ScheduledRequest:
@@ -76,6 +82,7 @@ class Scheduler:
         copied in: (request, its hit, the step that started the copies). They run from
         the next step on (its forward runs after the copies land: ``kv_tiers``)."""
         self._step = 0
+        self.num_preemptions = 0
         self.num_prefix_hit_tokens = 0
         self.num_prefix_query_tokens = 0
         self.num_host_hit_tokens = 0
@@ -86,6 +93,22 @@ class Scheduler:
         self.quarantined: dict[str, Request] = {}
         """Decode side: requests that ended while waiting for KV whose lease is not settled:
         a write may still land in their blocks, so no other request may have them yet."""
+        self.pool_fetching: dict[str, tuple[Request, int]] = {}
+        """Waiting for blocks of their prefix to be read from the KV pool into reserved
+        host slots (``kv_pool_tier``): (request, job id). Back at the head of the queue
+        once every rank's read ended (``pool_results``)."""
+        self._pool_jobs: dict[int, tuple[Request, list[int], list[int], RequestStatus, PrefixHit]] = {}
+        """Job id -> (request, reserved host slots, their block hashes, the request's status
+        before, its hit, whose tier entries stay pinned); kept until the ranks' reads end,
+        even if the request ended meanwhile."""
+        self._pool_asked: set[str] = set()
+        """Requests that asked the pool in this admission (at most once: no loop on a miss)."""
+        self._pool_pinned: dict[str, tuple[PrefixHit, list[int]]] = {}
+        """Tier entries of a request's prefix (its hit's, and those its pool read filled),
+        pinned until its next lookup finds them."""
+        self._next_pool_job = 0
+        self.num_pool_hit_tokens = 0
+        """Prompt tokens read from the KV pool into the host tier."""
 
     # -- intake --------------------------------------------------------------------
 
@@ -112,7 +135,7 @@ class Scheduler:
 
     @property
     def num_seqs(self) -> int:
-        return len(self.running) + len(self.awaiting_kv) + len(self.loading)
+        return len(self.running) + len(self.awaiting_kv) + len(self.loading) + len(self.pool_fetching)
 
     @property
     def num_waiting(self) -> int:
@@ -161,9 +184,17 @@ class Scheduler:
             req = self.waiting[0]
             holds_blocks = bool(self.kv.block_ids(req.request_id))
             hit = self._find_prefix(req) if not holds_blocks else None
+            if self._pool_pinned:
+                self._unpin_pool(req.request_id)
             num_computed = req.num_computed_tokens if holds_blocks else hit.num_tokens
             # A remote prefill needs blocks for the whole prompt at once, and no compute here.
             is_remote = req.remote_prefill and not holds_blocks
+            if (hit is not None and not is_remote and self.kv.pool_enabled and req.prompt_logprobs_position is None
+                    and req.request_id not in self._pool_asked):
+                if in_flight is None:
+                    in_flight = self._prefixes_in_flight()
+                if self._ask_pool(req, hit, in_flight):
+                    continue
             if hit is not None and hit.num_tier_blocks and not is_remote:
                 if not self._admit_loading(req, hit):
                     if self._release_waiting_blocks(keep=req):
@@ -223,6 +254,10 @@ class Scheduler:
             while i < len(r.block_hashes) and r.block_hashes[i] in in_flight:
                 i += 1
             total += r.num_tokens - min(i * bs, r.num_tokens - 1)
+        for r, job in self.pool_fetching.values():  # net of what they read from the pool
+            hit = self.kv.find_prefix(r, touch=False)
+            i = len(hit.blocks) + hit.num_tier_blocks + len(self._pool_jobs[job][1])
+            total += r.num_tokens - min(i * bs, r.num_tokens - 1)
         return total
 
     # -- prefixes in flight ----------------------------------------------------------
@@ -249,6 +284,8 @@ class Scheduler:
                 out.update(self._uncomputed_prompt_hashes(r))
         for r in self.awaiting_kv.values():
             out.update(self._uncomputed_prompt_hashes(r))
+        for job in self._pool_jobs.values():
+            out.update(job[2])  # being read from the KV pool
         return out
 
     def _waits_for_prefix(self, req: Request, hit: PrefixHit, in_flight: set[int]) -> bool:
@@ -305,6 +342,68 @@ class Scheduler:
             req.status = RequestStatus.RUNNING
             self.running.append(req)
 
+    # -- the KV pool (``kv_pool_tier``) ---------------------------------------------------
+
+    def _ask_pool(self, req: Request, hit: PrefixHit, in_flight: set[int]) -> bool:
+        """The lookup stopped before the prompt's last full block: reserve host slots for
+        the next blocks and read them from the KV pool (the request waits in
+        ``pool_fetching``). False when there is nothing to ask (the request goes on as
+        usual); a request asks once per admission."""
+        bs = self.kv.block_size
+        first = len(hit.blocks) + hit.num_tier_blocks
+        room = int(self.kv.host.num_slots * POOL_MAX_RESERVED_FRACTION) - self.kv.host.num_reserved
+        end = min((req.num_tokens - 1) // bs, len(req.block_hashes), first + min(POOL_FETCH_MAX_BLOCKS, room))
+        if first >= end or req.block_hashes[first] in in_flight:
+            return False  # nothing to fetch, or computed / fetched by another request right now
+        self._pool_asked.add(req.request_id)
+        job = self._next_pool_job
+        # Reserving evicts LRU host entries: not the ones this request found, now or while
+        # it waits (the blocks read from the pool continue them).
+        self.kv.pin(hit)
+        slots = self.kv.reserve_pool_fetch(job, req, first, end - first)
+        if not slots:
+            self.kv.end_load(hit)
+            return False
+        self._next_pool_job += 1
+        self.waiting.popleft()
+        hashes = req.block_hashes[first:first + len(slots)]
+        self._pool_jobs[job] = (req, slots, hashes, req.status, hit)
+        in_flight.update(hashes)
+        req.status = RequestStatus.WAITING_FOR_KV
+        self.pool_fetching[req.request_id] = (req, job)
+        return True
+
+    def pool_results(self, fetched: list[tuple[int, int]]) -> None:
+        """Pool reads every rank finished: ``(job id, leading blocks read)``. Those blocks
+        become host-tier entries, the other slots are freed, and each request goes back to
+        the head of the queue (its next lookup finds the blocks in the host tier)."""
+        back = []
+        for job, n in fetched:
+            req, slots, _, status, hit = self._pool_jobs.pop(job)
+            filled = self.kv.end_pool_fetch(slots, n)
+            self.num_pool_hit_tokens += len(filled) * self.kv.block_size
+            rid = req.request_id
+            if self.pool_fetching.get(rid, (None, None))[1] == job:
+                del self.pool_fetching[rid]
+                req.status = status
+                self._pool_pinned[rid] = (hit, filled)
+                back.append(req)
+            else:  # the request ended meanwhile
+                self.kv.end_load(hit)
+                self.kv.unpin_blocks(filled)
+        self.waiting.extendleft(reversed(back))
+
+    def _unpin_pool(self, request_id: str) -> None:
+        pinned = self._pool_pinned.pop(request_id, None)
+        if pinned is not None:
+            self.kv.end_load(pinned[0])
+            self.kv.unpin_blocks(pinned[1])
+
+    @property
+    def num_pool_reserved(self) -> int:
+        """Host slots reserved for pool reads not finished yet."""
+        return sum(len(job[1]) for job in self._pool_jobs.values())
+
     def complete_remote_prefill(self, request_id: str) -> Request:
         """The prompt's KV has arrived: the request joins the running batch to decode."""
         req = self.awaiting_kv.pop(request_id, None)
@@ -350,11 +449,13 @@ class Scheduler:
         return False
 
     def _preempt(self, req: Request) -> None:
+        self._pool_asked.discard(req.request_id)  # a new admission may ask the pool again
         self.running.remove(req)
         self.kv.free(req)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
         req.num_preemptions += 1
+        self.num_preemptions += 1
         self.waiting.appendleft(req)
 
     # -- after the model ran -------------------------------------------------------
@@ -399,9 +500,13 @@ class Scheduler:
             # Its blocks may still be being written: they are only reused from the next
             # step on, whose forward runs after every copy landed.
             self.kv.end_load(loading[1])
+        # A pool read in flight keeps its reserved slots until every rank ended it.
+        fetching = self.pool_fetching.pop(request_id, None) is not None
+        self._pool_asked.discard(request_id)
+        self._unpin_pool(request_id)
         if req in self.running:
             self.running.remove(req)
-        elif not was_awaiting_kv and loading is None:
+        elif not was_awaiting_kv and loading is None and not fetching:
             try:
                 self.waiting.remove(req)
             except ValueError:

@@ -41,6 +41,7 @@ class KVTier(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     KV_TIER_DEVICE: _ClassVar[KVTier]
     KV_TIER_HOST: _ClassVar[KVTier]
     KV_TIER_DISK: _ClassVar[KVTier]
+    KV_TIER_POOL: _ClassVar[KVTier]
 ROLE_UNSPECIFIED: Role
 PREFILL: Role
 DECODE: Role
@@ -61,6 +62,7 @@ HOP_ABORTED: HopOutcome
 KV_TIER_DEVICE: KVTier
 KV_TIER_HOST: KVTier
 KV_TIER_DISK: KVTier
+KV_TIER_POOL: KVTier
 
 class SamplingParams(_message.Message):
     __slots__ = ("n", "temperature", "top_p", "top_k", "min_p", "seed", "max_tokens", "stop", "stop_token_ids", "ignore_eos", "logprobs", "skip_special_tokens", "cache_salt", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "allowed_token_ids", "banned_token_ids", "structured_output", "prompt_logprobs", "include_stop_str_in_output", "spaces_between_special_tokens")
@@ -377,7 +379,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("worker_id", "num_waiting", "num_running", "num_kv_blocks_total", "num_kv_blocks_free", "num_queued_prefill_tokens", "prefix_cache_hit_tokens", "prefix_cache_query_tokens", "transfer_bytes", "transfer_count", "transfer_failures", "transfer_latency_ms_sum", "local_prefill_fallbacks", "num_open_grammars", "hop_outcomes", "refused_transfers", "tier_hit_tokens", "num_host_blocks_total", "num_host_blocks_used")
+    __slots__ = ("worker_id", "num_waiting", "num_running", "num_kv_blocks_total", "num_kv_blocks_free", "num_queued_prefill_tokens", "prefix_cache_hit_tokens", "prefix_cache_query_tokens", "transfer_bytes", "transfer_count", "transfer_failures", "transfer_latency_ms_sum", "local_prefill_fallbacks", "num_open_grammars", "hop_outcomes", "refused_transfers", "tier_hit_tokens", "num_host_blocks_total", "num_host_blocks_used", "pool_hit_tokens", "pool_puts", "pool_put_failures", "pool_get_failures")
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_WAITING_FIELD_NUMBER: _ClassVar[int]
     NUM_RUNNING_FIELD_NUMBER: _ClassVar[int]
@@ -397,6 +399,10 @@ class StatsResponse(_message.Message):
     TIER_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     NUM_HOST_BLOCKS_TOTAL_FIELD_NUMBER: _ClassVar[int]
     NUM_HOST_BLOCKS_USED_FIELD_NUMBER: _ClassVar[int]
+    POOL_HIT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    POOL_PUTS_FIELD_NUMBER: _ClassVar[int]
+    POOL_PUT_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    POOL_GET_FAILURES_FIELD_NUMBER: _ClassVar[int]
     worker_id: str
     num_waiting: int
     num_running: int
@@ -416,7 +422,11 @@ class StatsResponse(_message.Message):
     tier_hit_tokens: int
     num_host_blocks_total: int
     num_host_blocks_used: int
-    def __init__(self, worker_id: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_kv_blocks_total: _Optional[int] = ..., num_kv_blocks_free: _Optional[int] = ..., num_queued_prefill_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transfer_count: _Optional[int] = ..., transfer_failures: _Optional[int] = ..., transfer_latency_ms_sum: _Optional[float] = ..., local_prefill_fallbacks: _Optional[int] = ..., num_open_grammars: _Optional[int] = ..., hop_outcomes: _Optional[_Union[HopOutcomes, _Mapping]] = ..., refused_transfers: _Optional[int] = ..., tier_hit_tokens: _Optional[int] = ..., num_host_blocks_total: _Optional[int] = ..., num_host_blocks_used: _Optional[int] = ...) -> None: ...
+    pool_hit_tokens: int
+    pool_puts: int
+    pool_put_failures: int
+    pool_get_failures: int
+    def __init__(self, worker_id: _Optional[str] = ..., num_waiting: _Optional[int] = ..., num_running: _Optional[int] = ..., num_kv_blocks_total: _Optional[int] = ..., num_kv_blocks_free: _Optional[int] = ..., num_queued_prefill_tokens: _Optional[int] = ..., prefix_cache_hit_tokens: _Optional[int] = ..., prefix_cache_query_tokens: _Optional[int] = ..., transfer_bytes: _Optional[int] = ..., transfer_count: _Optional[int] = ..., transfer_failures: _Optional[int] = ..., transfer_latency_ms_sum: _Optional[float] = ..., local_prefill_fallbacks: _Optional[int] = ..., num_open_grammars: _Optional[int] = ..., hop_outcomes: _Optional[_Union[HopOutcomes, _Mapping]] = ..., refused_transfers: _Optional[int] = ..., tier_hit_tokens: _Optional[int] = ..., num_host_blocks_total: _Optional[int] = ..., num_host_blocks_used: _Optional[int] = ..., pool_hit_tokens: _Optional[int] = ..., pool_puts: _Optional[int] = ..., pool_put_failures: _Optional[int] = ..., pool_get_failures: _Optional[int] = ...) -> None: ...
 
 class BlocksStored(_message.Message):
     __slots__ = ("block_hashes", "parent_block_hash", "token_ids", "block_size", "tier")

@@ -7,7 +7,9 @@ nothing imported.
 a prompt to a worker is the work it adds to the cluster, the prompt tokens that worker
 lacks (``overlap_weight`` tokens each); tokens it holds in a tier below its KV region
 (host memory) cost ``tier_weight`` each (copying back beats recomputing, a region hit
-beats both). A prefix the worker holds counts as held
+beats both), and tokens after those that the cluster-shared KV pool holds (any worker of
+the pool can read them into its host tier) ``pool_weight`` each: HBM < host < pool <
+recompute. A prefix the worker holds counts as held
 whether it is cached or still queued / in flight there (the router's optimistic index
 entries, and other gateways' placements): the follower of a group waits for its
 leader's prefill rather than recompute the prefix elsewhere, which would double the
@@ -74,6 +76,9 @@ class CostWeights:
     """Cost of a prompt token a worker holds in a tier below its KV region (host memory)
     and must copy back, as a fraction of computing it: 0.1 (a block crosses PCIe in a
     tenth of the time a GPU computes its 16 tokens for a 70B model)."""
+    pool_weight: float = 0.2
+    """Cost of a prompt token the cluster-shared KV pool holds (read over the network into
+    the host tier, then copied in), as a fraction of computing it: above ``tier_weight``."""
 
     def __post_init__(self) -> None:
         if self.overlap_weight < 0:
@@ -85,6 +90,8 @@ class CostWeights:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not 0 <= self.tier_weight <= 1:
             raise ValueError(f"tier_weight must be in [0, 1], got {self.tier_weight}")
+        if not 0 <= self.pool_weight <= 1:
+            raise ValueError(f"pool_weight must be in [0, 1], got {self.pool_weight}")
         for name in ("balance_rel", "decode_balance_rel"):
             if not getattr(self, name) >= 1.0:
                 raise ValueError(f"{name} must be >= 1.0, got {getattr(self, name)}")
@@ -122,6 +129,8 @@ class DecodeCandidate:
     """Its pool; 0: unknown."""
     tier_blocks: int = 0
     """Prompt blocks after ``hit_blocks`` it holds in a tier below its KV region."""
+    pool_blocks: int = 0
+    """Prompt blocks after those that the KV pool holds (the worker can read them)."""
 
     def load(self, w: CostWeights) -> float:
         return self.used_tokens + w.decode_request_tokens * self.requests + self.queued_prefill_tokens
@@ -132,13 +141,15 @@ class PrefillCandidate:
     hit_blocks: int
     queued_prefill_tokens: int
     tier_blocks: int = 0
+    pool_blocks: int = 0
 
 
-def work(w: CostWeights, prompt_tokens: int, block_size: int, hit_blocks: int, tier_blocks: int) -> float:
+def work(w: CostWeights, prompt_tokens: int, block_size: int, hit_blocks: int, tier_blocks: int,
+         pool_blocks: int = 0) -> float:
     """Tokens of work a candidate adds: what it must compute, plus what it must load back
-    from a lower tier at ``tier_weight`` each."""
-    return (w.overlap_weight * (prompt_tokens - (hit_blocks + tier_blocks) * block_size)
-            + w.tier_weight * tier_blocks * block_size)
+    from a lower tier at ``tier_weight`` each and read from the KV pool at ``pool_weight``."""
+    return (w.overlap_weight * (prompt_tokens - (hit_blocks + tier_blocks + pool_blocks) * block_size)
+            + w.tier_weight * tier_blocks * block_size + w.pool_weight * pool_blocks * block_size)
 
 
 def pressure(w: CostWeights, *, prompt_tokens: int, hit_blocks: int, block_size: int, free_blocks: int | None,
@@ -159,7 +170,7 @@ def decode_costs(w: CostWeights, prompt_tokens: int, block_size: int,
     """Each decode candidate's cost for the prompt (see the module docstring)."""
     loads = [c.load(w) for c in candidates]
     least = min(loads, default=0.0)
-    return [work(w, prompt_tokens, block_size, c.hit_blocks, c.tier_blocks)
+    return [work(w, prompt_tokens, block_size, c.hit_blocks, c.tier_blocks, c.pool_blocks)
             + _load_term(load, least, w.decode_balance_abs_tokens, w.decode_balance_rel)
             + pressure(w, prompt_tokens=prompt_tokens, hit_blocks=c.hit_blocks, block_size=block_size,
                        free_blocks=c.free_blocks, total_blocks=c.total_blocks)
@@ -170,7 +181,7 @@ def prefill_costs(w: CostWeights, prompt_tokens: int, block_size: int,
                   candidates: Sequence[PrefillCandidate]) -> list[float]:
     """Each prefill candidate's cost for the prompt (see the module docstring)."""
     least = min((c.queued_prefill_tokens for c in candidates), default=0)
-    return [work(w, prompt_tokens, block_size, c.hit_blocks, c.tier_blocks)
+    return [work(w, prompt_tokens, block_size, c.hit_blocks, c.tier_blocks, c.pool_blocks)
             + _load_term(c.queued_prefill_tokens, least, w.balance_abs_tokens, w.balance_rel)
             for c in candidates]
 

@@ -40,10 +40,13 @@ from typing import Callable
 
 from pdserve.proto import pdserve_pb2 as pb
 
-__all__ = ["PrefixIndex", "IndexStats", "DEFAULT_OPTIMISTIC_TTL_S"]
+__all__ = ["PrefixIndex", "IndexStats", "DEFAULT_OPTIMISTIC_TTL_S", "DEFAULT_POOL_TTL_S"]
 
 #: How long an optimistic entry (from a routing decision) lives without a stored event.
 DEFAULT_OPTIMISTIC_TTL_S = 30.0
+#: How long a block put to the cluster-shared KV pool counts as there without being put
+#: again: the pool evicts (and loses a leaving worker's share) without telling anyone.
+DEFAULT_POOL_TTL_S = 300.0
 #: Optimistic deadlines are keyed by ``hash << _KEY_SHIFT | worker bit``.
 _KEY_SHIFT = 20
 
@@ -82,9 +85,13 @@ class PrefixIndex:
         *,
         optimistic_ttl_s: float = DEFAULT_OPTIMISTIC_TTL_S,
         clock: Callable[[], float] = time.monotonic,
+        pool_ttl_s: float = DEFAULT_POOL_TTL_S,
     ) -> None:
         if not optimistic_ttl_s > 0:
             raise ValueError(f"optimistic_ttl_s must be > 0, got {optimistic_ttl_s!r}")
+        if not pool_ttl_s > 0:
+            raise ValueError(f"pool_ttl_s must be > 0, got {pool_ttl_s!r}")
+        self.pool_ttl_s = float(pool_ttl_s)
         self.optimistic_ttl_s = float(optimistic_ttl_s)
         self._clock = clock
         self._lock = threading.Lock()
@@ -118,6 +125,11 @@ class PrefixIndex:
         # in a tier must be loaded before use, so it is matched after the region's.
         self._tier_mask: dict[int, int] = {}
         self._worker_tier: dict[int, dict[int, None]] = {}
+        # The cluster-shared KV pool: hash -> deadline (a put refreshes it), and the puts in
+        # deadline order (an item is stale when its hash was put again or removed since).
+        # Held by the pool, not a worker: every worker of the pool can read the block.
+        self._pool: dict[int, float] = {}
+        self._pool_queue: deque[tuple[float, tuple[int, ...]]] = deque()
         self._n_precise = 0
         self._n_opt = 0
         self._events = {"stored": 0, "removed": 0, "cleared": 0, "pending": 0}
@@ -173,7 +185,11 @@ class PrefixIndex:
         wid = event.worker_id
         if not wid or kind is None:
             return
-        if kind == "stored" and event.stored.tier:
+        if kind == "stored" and event.stored.tier == pb.KV_TIER_POOL:
+            self.add_pool_blocks(event.stored.block_hashes)
+        elif kind == "removed" and event.removed.tier == pb.KV_TIER_POOL:
+            self.remove_pool_blocks(event.removed.block_hashes)
+        elif kind == "stored" and event.stored.tier:
             self.add_tier_blocks(wid, event.stored.block_hashes)
         elif kind == "removed" and event.removed.tier:
             self.remove_tier_blocks(wid, event.removed.block_hashes)
@@ -315,6 +331,63 @@ class PrefixIndex:
                     out[wid] = i - start
             return out
 
+    # -------------------------------------------------------------- pool entries
+
+    def add_pool_blocks(self, block_hashes: Iterable[int]) -> None:
+        """These blocks were put to the cluster-shared KV pool (any worker's ``stored``
+        event with tier POOL): held for ``pool_ttl_s`` from now."""
+        with self._lock:
+            now = self._clock()
+            deadline = now + self.pool_ttl_s
+            hashes = tuple(block_hashes)
+            for h in hashes:
+                self._pool[h] = deadline
+            if hashes:
+                self._pool_queue.append((deadline, hashes))
+            self._expire_pool_locked(now)
+
+    def remove_pool_blocks(self, block_hashes: Iterable[int]) -> None:
+        with self._lock:
+            for h in block_hashes:
+                self._pool.pop(h, None)
+
+    def match_pool(self, block_hashes: Sequence[int], starts: dict[str, int],
+                   workers: Iterable[str]) -> dict[str, int]:
+        """Per worker of ``workers``, how many blocks from its ``starts`` position on (its
+        region and tier prefix) the KV pool holds consecutively. Every worker given is taken
+        to read the pool (one pool per deployment). Workers with none are absent."""
+        with self._lock:
+            now = self._clock()
+            self._expire_pool_locked(now)
+            if not self._pool:
+                return {}
+            pool = self._pool
+            run = [0] * (len(block_hashes) + 1)  # run[i]: pool blocks from i on, consecutive
+            for i in range(len(block_hashes) - 1, -1, -1):
+                if pool.get(block_hashes[i], 0.0) > now:
+                    run[i] = run[i + 1] + 1
+            out = {}
+            for wid in workers:
+                n = run[min(starts.get(wid, 0), len(block_hashes))]
+                if n:
+                    out[wid] = n
+            return out
+
+    def _expire_pool_locked(self, now: float) -> None:
+        q, pool = self._pool_queue, self._pool
+        while q and q[0][0] <= now:
+            _, hashes = q.popleft()
+            for h in hashes:
+                d = pool.get(h)
+                if d is not None and d <= now:
+                    del pool[h]
+
+    def num_pool_blocks(self) -> int:
+        """Blocks the KV pool holds as far as this index knows (not expired)."""
+        with self._lock:
+            self._expire_pool_locked(self._clock())
+            return len(self._pool)
+
     def _release_if_empty_locked(self, bit: int) -> None:
         # A worker with no entry left gives its bit back (keeps the masks narrow).
         wid = self._ids[bit]
@@ -338,6 +411,8 @@ class PrefixIndex:
             self._worker_precise = {}
             self._tier_mask = {}
             self._worker_tier = {}
+            self._pool = {}
+            self._pool_queue.clear()
             self._n_precise = 0
             for bit in list(self._bit.values()):
                 self._release_if_empty_locked(bit)
@@ -349,6 +424,8 @@ class PrefixIndex:
             self._worker_precise = {}
             self._tier_mask = {}
             self._worker_tier = {}
+            self._pool = {}
+            self._pool_queue.clear()
             self._opt_mask = {}
             self._opt_deadline = {}
             self._opt_count = {}

@@ -288,6 +288,10 @@ class Router:
         max_hit_blocks = min(len(hashes), (n - 1) // bs)
         matches = self.index.match(hashes[:max_hit_blocks]) if max_hit_blocks else {}
         tiers = self.index.match_tiers(hashes[:max_hit_blocks], matches) if max_hit_blocks else {}
+        # The KV pool's blocks after each worker's own (every worker reads the one pool).
+        pool = self.index.match_pool(
+            hashes[:max_hit_blocks], {w: matches.get(w, 0) + tiers.get(w, 0) for w in (*matches, *tiers)},
+            (*self._decode_ids, *self._prefill_ids)) if max_hit_blocks else {}
 
         w = self.weights
         cands = []
@@ -297,9 +301,10 @@ class Router:
             free = (ld.free_blocks if ld.has_stats else total) - (-(-ld.dec_tok // bs) if ld.dec_tok > 0 else 0)
             cands.append(DecodeCandidate(hit_blocks=matches.get(wid, 0), used_tokens=ld.used_tokens(bs),
                                          requests=ld.requests(), queued_prefill_tokens=ld.queued_prefill_tokens(),
-                                         free_blocks=free, total_blocks=total, tier_blocks=tiers.get(wid, 0)))
+                                         free_blocks=free, total_blocks=total, tier_blocks=tiers.get(wid, 0),
+                                         pool_blocks=pool.get(wid, 0)))
         d = choose(decode_costs(w, n, bs, cands), self._decode_ids, self._rng)
-        cached_d = (matches.get(d, 0) + tiers.get(d, 0)) * bs
+        cached_d = (matches.get(d, 0) + tiers.get(d, 0) + pool.get(d, 0)) * bs
 
         p = None
         cached_p = cached_d
@@ -308,12 +313,12 @@ class Router:
             if ids:
                 pcands = [PrefillCandidate(matches.get(wid, 0),
                                            (self._load.get(wid) or _EMPTY_LOAD).queued_prefill_tokens(),
-                                           tiers.get(wid, 0))
+                                           tiers.get(wid, 0), pool.get(wid, 0))
                           for wid in ids]
                 choice = choose(prefill_costs(w, n, bs, pcands), ids, self._rng)
                 if choice != d:
                     p = choice
-                    cached_p = (matches.get(p, 0) + tiers.get(p, 0)) * bs
+                    cached_p = (matches.get(p, 0) + tiers.get(p, 0) + pool.get(p, 0)) * bs
 
         full_hashes = hashes if len(hashes) <= n // bs else hashes[: n // bs]
         self.index.add_optimistic(d, full_hashes)

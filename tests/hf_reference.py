@@ -680,3 +680,39 @@ def describe_token_mismatch(label: str, idx: int, prompt: Sequence[int], ours: S
     msg.append(f"  ours={list(ours)}")
     msg.append(f"  ref ={list(ref)}")
     return "\n".join(msg)
+
+
+def fp8_kv_round(x: torch.Tensor, scale: float) -> torch.Tensor:
+    """``x`` as an FP8 (e4m3) KV cache with this scale gives it back: x / scale rounded to
+    float8_e4m3fn (saturating at +-448), times scale. Written from the definition, not
+    imported from pdserve."""
+    return ((x.float() / scale).clamp(-448.0, 448.0).to(torch.float8_e4m3fn).float() * scale).to(x.dtype)
+
+
+def fp8_kv_attention_impl(k_scales: Sequence[float], v_scales: Sequence[float]) -> str:
+    """Register (once) and name a transformers attention implementation that is eager
+    attention over keys and values rounded as an FP8 KV cache with these per-layer
+    scales stores them: the reference for ``kv_cache_dtype="fp8_e4m3"``. (The HF cache
+    keeps full precision; rounding the whole K/V at every step gives the same values.)"""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, eager_mask
+    from transformers.models.llama.modeling_llama import eager_attention_forward
+
+    ks, vs = tuple(float(k) for k in k_scales), tuple(float(v) for v in v_scales)
+    name = f"fp8kv_{abs(hash((ks, vs))):x}"
+
+    def attention(module, query, key, value, attention_mask, **kwargs):
+        i = module.layer_idx
+        return eager_attention_forward(module, query, fp8_kv_round(key, ks[i]), fp8_kv_round(value, vs[i]),
+                                       attention_mask, **kwargs)
+
+    AttentionInterface.register(name, attention)
+    AttentionMaskInterface.register(name, eager_mask)  # without it a new name gets no causal mask
+    return name
+
+
+def hf_greedy_fp8_kv(model_dir, prompts: Iterable[Sequence[int]], max_new_tokens: int,
+                     k_scales: Sequence[float], v_scales: Sequence[float]) -> list[GreedyTrace]:
+    """Greedy decode (batch 1, float32) with keys and values rounded as an FP8 cache stores them."""
+    model = load_hf_model(model_dir, attn_implementation=fp8_kv_attention_impl(k_scales, v_scales))
+    return [GreedyTrace(*_greedy_one(model, [int(t) for t in p], max_new_tokens)) for p in prompts]

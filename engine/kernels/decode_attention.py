@@ -25,6 +25,22 @@ weight 0. ``out`` and ``workspace`` can be preallocated once (sized with
 is also legal inside a capture (they come from the graph's private pool). Call once
 before capturing so Triton compiles outside the capture. Padded graph batches: rows
 with ``context_lens`` 0 produce zeros.
+
+FP8 cache (``kv_layer.dtype == torch.float8_e4m3fn``): the twin reads ``k = stored.float()
+* k_scale`` and ``v = stored.float() * v_scale``. The kernel loads the e4m3fn bytes as
+``tl.float8e4nv`` (Triton's name for e4m3fn; the cache tensor is passed as is) and converts
+them to q's dtype, which is exact (every e4m3fn value is a float16, bfloat16 and float32);
+the scales are folded: ``k_scale`` into the softmax scale (``s = (q . k8) * scale * k_scale``)
+and ``v_scale`` into the output (``o = v_scale * sum p v8 / sum p``). Mathematically the
+twin's formula; numerically it differs only by float32 rounding (the test's tolerance is
+the float32 one, 1e-5), and the dots keep q's dtype, so bfloat16/float16 queries still
+use the tensor cores. Triton's interpreter loads and widens float8e4nv exactly (all 256
+codes checked against torch, except NaN codes 0x7F/0xFF, which it reads as +-480);
+compiled, float8e4nv needs sm_89 or newer (Ada, Hopper), which the wrapper checks. The
+fp8 path is chosen at compile time from the cache pointer's element type (no new
+constexpr), so a float16/bfloat16/float32 cache compiles to the same code as before and
+ignores the scales. The scales are plain float32 kernel arguments: a CUDA graph captures them by value, which is
+right as they are fixed per layer.
 """
 
 from __future__ import annotations
@@ -36,8 +52,11 @@ import torch
 import triton
 import triton.language as tl
 
+from .kv_store import check_fp8_device, check_fp8_scales
+
 _LOG2E = 1.4426950408889634
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+FP8_KV_DTYPE = torch.float8_e4m3fn
 
 MIN_TOKENS_PER_SPLIT = 128
 """A partition shorter than this costs more in its partial write and merge than it saves."""
@@ -53,7 +72,7 @@ _NON_CUDA_NUM_SMS = 132
 def _decode_split_kernel(
     q_ptr, kv_ptr, block_tables_ptr, context_lens_ptr,
     out_ptr, part_m_ptr, part_l_ptr, part_o_ptr,
-    qk_scale,
+    qk_scale, v_scale,
     stride_qb, stride_qh,
     stride_kv_block, stride_kv_kv, stride_kv_head, stride_kv_tok,
     stride_bt, max_blocks,
@@ -63,6 +82,8 @@ def _decode_split_kernel(
     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, IS_SPLIT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    # Compile-time, from the cache pointer's type (no extra constexpr: other dtypes compile as before).
+    KV_FP8: tl.constexpr = kv_ptr.dtype.element_ty == tl.float8e4nv
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -101,6 +122,9 @@ def _decode_split_kernel(
         kv_offs = tok_offs[:, None] + dims[None, :]
         k = tl.load(k_head_ptr + kv_offs, mask=tok_mask[:, None], other=0.0)
         v = tl.load(k_head_ptr + stride_kv_kv + kv_offs, mask=tok_mask[:, None], other=0.0)
+        if KV_FP8:  # exact: k_scale is in qk_scale, v_scale applied to acc below
+            k = k.to(q.dtype)
+            v = v.to(q.dtype)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [GROUP_PAD, TILE]
         s = tl.where(tok_mask[None, :], s, float("-inf"))
@@ -112,6 +136,8 @@ def _decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    if KV_FP8:
+        acc = acc * v_scale
     if not IS_SPLIT:
         # l_i == 0 only for an empty context (a padding row): write zeros, not NaN.
         o = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -191,7 +217,7 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def _check_inputs(q, kv_layer, block_tables, context_lens, scale) -> None:
+def _check_inputs(q, kv_layer, block_tables, context_lens, scale, k_scale, v_scale) -> None:
     if q.dim() != 3:
         raise ValueError(f"q must be [batch, num_heads, head_dim], got shape {tuple(q.shape)}")
     if kv_layer.dim() != 5 or kv_layer.shape[1] != 2:
@@ -200,7 +226,10 @@ def _check_inputs(q, kv_layer, block_tables, context_lens, scale) -> None:
     _, _, num_kv_heads, block_size, kv_head_dim = kv_layer.shape
     if q.dtype not in _DTYPES:
         raise ValueError(f"q dtype {q.dtype} not supported; use one of {_DTYPES}")
-    if kv_layer.dtype != q.dtype:
+    if kv_layer.dtype == FP8_KV_DTYPE:
+        check_fp8_scales(k_scale, v_scale)
+        check_fp8_device(kv_layer.device)
+    elif kv_layer.dtype != q.dtype:
         raise ValueError(f"kv_layer dtype {kv_layer.dtype} differs from q dtype {q.dtype}")
     if kv_head_dim != head_dim:
         raise ValueError(f"kv_layer head_dim {kv_head_dim} differs from q head_dim {head_dim}")
@@ -260,6 +289,8 @@ def paged_decode_attention(
     num_splits: int | None = None,
     out: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Decode attention over the paged cache; returns ``out`` ``[B, H, D]`` in q's dtype.
 
@@ -270,8 +301,17 @@ def paged_decode_attention(
     count costs no recompilation (only the merge kernel's power-of-two padding varies).
     ``workspace`` is an optional float32 buffer of at least
     ``workspace_numel(B, H, D, num_splits)`` elements (unused when num_splits is 1).
+    kv_layer may be ``torch.float8_e4m3fn`` with any q dtype: keys read as
+    ``stored.float() * k_scale``, values as ``stored.float() * v_scale`` (Python floats);
+    any other cache has q's dtype and ignores the scales.
     """
-    _check_inputs(q, kv_layer, block_tables, context_lens, scale)
+    _check_inputs(q, kv_layer, block_tables, context_lens, scale, k_scale, v_scale)
+    kv_fp8 = kv_layer.dtype == FP8_KV_DTYPE
+    qk_scale = scale * _LOG2E
+    if kv_fp8:
+        qk_scale *= k_scale
+    else:
+        v_scale = 1.0  # unused by the kernel
     batch, num_heads, head_dim = q.shape
     _, _, num_kv_heads, block_size, _ = kv_layer.shape
     max_blocks = block_tables.shape[1]
@@ -294,7 +334,7 @@ def paged_decode_attention(
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, kv_layer, block_tables, context_lens,
         out, part_m, part_l, part_o,
-        scale * _LOG2E,
+        qk_scale, float(v_scale),
         q.stride(0), q.stride(1),
         kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3),
         block_tables.stride(0), max_blocks,

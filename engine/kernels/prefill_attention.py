@@ -12,6 +12,12 @@ request); it walks the request's keys in tiles of ``block_n`` through its block 
 with an online softmax in float32. Key tiles wholly below the tile's causal diagonal
 run unmasked; tiles wholly above it are never visited. Grouped-query: query head ``h``
 reads KV head ``h // (H // Hkv)``.
+
+FP8 cache (``kv_layer.dtype == torch.float8_e4m3fn``): as in decode_attention.py, the
+e4m3fn bytes are loaded as ``tl.float8e4nv`` and converted exactly to q's dtype;
+``k_scale`` is folded into the softmax scale and ``v_scale`` into the output (equal to
+the twin's ``stored.float() * scale`` up to float32 rounding). Works in Triton's
+interpreter; compiled, it needs sm_89+ (checked by the wrapper).
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
+
+from .decode_attention import FP8_KV_DTYPE
+from .kv_store import check_fp8_device, check_fp8_scales
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _INDEX_DTYPES = (torch.int32, torch.int64)
@@ -70,7 +79,7 @@ def _attend_key_tile(
     acc, m_i, l_i, q, q_pos, k_base, v_base, table, n_start, context_len, scale_log2,
     stride_kv_block, stride_kv_token,
     BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    ON_DIAGONAL: tl.constexpr, PRECISION: tl.constexpr,
+    ON_DIAGONAL: tl.constexpr, PRECISION: tl.constexpr, KV_FP8: tl.constexpr,
 ):
     offs_n = n_start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, HEAD_DIM)
@@ -86,6 +95,8 @@ def _attend_key_tile(
         k = tl.load(k_base + ptrs, mask=n_valid[:, None], other=0.0)
     else:
         k = tl.load(k_base + ptrs)
+    if KV_FP8:  # exact; k_scale is in scale_log2
+        k = k.to(q.dtype)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
     if ON_DIAGONAL:
         visible = (offs_n[None, :] <= q_pos[:, None]) & n_valid[None, :]
@@ -99,6 +110,8 @@ def _attend_key_tile(
         v = tl.load(v_base + ptrs, mask=n_valid[:, None], other=0.0)
     else:
         v = tl.load(v_base + ptrs)
+    if KV_FP8:  # exact; v_scale is applied to the output
+        v = v.to(q.dtype)
     acc = acc * alpha[:, None]
     acc = tl.dot(p.to(v.dtype), v, acc, input_precision=PRECISION)
     return acc, m_new, l_i
@@ -106,12 +119,14 @@ def _attend_key_tile(
 
 @triton.jit
 def _prefill_kernel(
-    Q, KV, Out, CuQueryLens, ContextLens, BlockTables, scale_log2,
+    Q, KV, Out, CuQueryLens, ContextLens, BlockTables, scale_log2, v_scale,
     stride_q_token, stride_q_head, stride_o_token, stride_o_head,
     stride_kv_block, stride_kv_kind, stride_kv_head, stride_kv_token, stride_table,
     GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr, HEAD_DIM: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    # Compile-time, from the cache pointer's type (no extra constexpr: other dtypes compile as before).
+    KV_FP8: tl.constexpr = KV.dtype.element_ty == tl.float8e4nv
     head = tl.program_id(0)
     # Longest tiles (the last queries see the most keys) launch first.
     tile = tl.num_programs(1) - 1 - tl.program_id(1)
@@ -145,13 +160,15 @@ def _prefill_kernel(
     for n_start in range(0, unmasked_end, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(
             acc, m_i, l_i, q, q_pos, k_base, v_base, table, n_start, context_len, scale_log2,
-            stride_kv_block, stride_kv_token, BLOCK_SIZE, BLOCK_N, HEAD_DIM, False, PRECISION,
+            stride_kv_block, stride_kv_token, BLOCK_SIZE, BLOCK_N, HEAD_DIM, False, PRECISION, KV_FP8,
         )
     for n_start in range(unmasked_end, end, BLOCK_N):
         acc, m_i, l_i = _attend_key_tile(
             acc, m_i, l_i, q, q_pos, k_base, v_base, table, n_start, context_len, scale_log2,
-            stride_kv_block, stride_kv_token, BLOCK_SIZE, BLOCK_N, HEAD_DIM, True, PRECISION,
+            stride_kv_block, stride_kv_token, BLOCK_SIZE, BLOCK_N, HEAD_DIM, True, PRECISION, KV_FP8,
         )
+    if KV_FP8:
+        acc = acc * v_scale
     acc = acc / l_i[:, None]
     o_ptrs = Out + q_rows[:, None] * stride_o_token + head * stride_o_head + offs_d[None, :]
     tl.store(o_ptrs, acc.to(Out.dtype.element_ty), mask=m_valid[:, None])
@@ -161,7 +178,7 @@ def _is_pow2(n: int) -> bool:
     return n > 0 and n & (n - 1) == 0
 
 
-def _check_inputs(q, kv_layer, cu_query_lens, context_lens, block_tables, out) -> None:
+def _check_inputs(q, kv_layer, cu_query_lens, context_lens, block_tables, out, k_scale, v_scale) -> None:
     if q.dim() != 3:
         raise ValueError(f"q must be [T, H, D], got shape {tuple(q.shape)}")
     if q.dtype not in _DTYPES:
@@ -171,7 +188,10 @@ def _check_inputs(q, kv_layer, cu_query_lens, context_lens, block_tables, out) -
         raise ValueError(f"head_dim must be a power of two in [16, 256], got {head_dim}")
     if kv_layer.dim() != 5 or kv_layer.shape[1] != 2 or kv_layer.shape[4] != head_dim:
         raise ValueError(f"kv_layer must be [N, 2, Hkv, block_size, {head_dim}], got shape {tuple(kv_layer.shape)}")
-    if kv_layer.dtype != q.dtype:
+    if kv_layer.dtype == FP8_KV_DTYPE:
+        check_fp8_scales(k_scale, v_scale)
+        check_fp8_device(kv_layer.device)
+    elif kv_layer.dtype != q.dtype:
         raise ValueError(f"kv_layer dtype {kv_layer.dtype} differs from q dtype {q.dtype}")
     num_kv_heads, block_size = kv_layer.shape[2], kv_layer.shape[3]
     if num_heads % num_kv_heads:
@@ -216,6 +236,8 @@ def paged_prefill_attention(
     out: torch.Tensor | None = None,
     max_query_len: int | None = None,
     tiles: PrefillTiles | None = None,
+    k_scale: float = 1.0,
+    v_scale: float = 1.0,
 ) -> torch.Tensor:
     """Causal attention of P requests' new tokens over their paged KV (new keys already stored).
 
@@ -228,8 +250,18 @@ def paged_prefill_attention(
     here reads ``cu_query_lens`` back (a device sync). ``tiles`` overrides the launch shape.
     Values (lengths within the block table, ``cu_query_lens[-1] == T``) are the caller's
     contract and are not checked: checking them would sync the device every layer.
+
+    kv_layer may be ``torch.float8_e4m3fn`` with any q dtype: keys read as
+    ``stored.float() * k_scale``, values as ``stored.float() * v_scale`` (Python floats);
+    any other cache has q's dtype and ignores the scales.
     """
-    _check_inputs(q, kv_layer, cu_query_lens, context_lens, block_tables, out)
+    _check_inputs(q, kv_layer, cu_query_lens, context_lens, block_tables, out, k_scale, v_scale)
+    kv_fp8 = kv_layer.dtype == FP8_KV_DTYPE
+    scale_log2 = scale * math.log2(math.e)
+    if kv_fp8:
+        scale_log2 *= k_scale
+    else:
+        v_scale = 1.0  # unused by the kernel
     if out is None:
         out = torch.empty_like(q)
     num_tokens, num_heads, head_dim = q.shape
@@ -246,7 +278,7 @@ def paged_prefill_attention(
         raise ValueError(f"max_query_len {max_query_len} needs {num_q_tiles} tiles of {tiles.block_m}; at most {_MAX_GRID_YZ}")
     grid = (num_heads, num_q_tiles, num_seqs)
     _prefill_kernel[grid](
-        q, kv_layer, out, cu_query_lens, context_lens, block_tables, scale * math.log2(math.e),
+        q, kv_layer, out, cu_query_lens, context_lens, block_tables, scale_log2, float(v_scale),
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         kv_layer.stride(0), kv_layer.stride(1), kv_layer.stride(2), kv_layer.stride(3), block_tables.stride(0),
         GROUP=num_heads // kv_layer.shape[2], BLOCK_SIZE=kv_layer.shape[3], HEAD_DIM=head_dim,

@@ -36,6 +36,9 @@ class Attention(nn.Module):
         self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
         self.scale = cfg.head_dim**-0.5
         self.backend = AttentionBackend()
+        self.k_scale = 1.0
+        self.v_scale = 1.0
+        """FP8 KV cache scales of this layer (``set_kv_scales``); unused by other caches."""
 
     def forward(self, rope, x: torch.Tensor, kv_layer: torch.Tensor, meta: AttentionMetadata) -> torch.Tensor:
         """rope: ``rotate(q, k) -> (q, k)`` from ``RotaryEmbedding.for_step``; x: [T, hidden]."""
@@ -49,8 +52,8 @@ class Attention(nn.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = rope(q, k)
-        self.backend.store_kv(kv_layer, k, v, meta)
-        o = self.backend.forward(q, kv_layer, meta, self.scale)
+        self.backend.store_kv(kv_layer, k, v, meta, self.k_scale, self.v_scale)
+        o = self.backend.forward(q, kv_layer, meta, self.scale, self.k_scale, self.v_scale)
         return self.o_proj(o.view(T, q_size))
 
 
@@ -117,6 +120,11 @@ class LlamaForCausalLM(nn.Module):
         for layer in self.layers:
             layer.self_attn.backend = attention
         set_fused_ops(self, fused_ops)
+
+    def set_kv_scales(self, k_scales: list[float], v_scales: list[float]) -> None:
+        """Each layer's FP8 KV cache scales (stored = x / scale)."""
+        for layer, k, v in zip(self.layers, k_scales, v_scales, strict=True):
+            layer.self_attn.k_scale, layer.self_attn.v_scale = float(k), float(v)
 
     @property
     def num_local_kv_heads(self) -> int:

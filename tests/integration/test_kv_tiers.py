@@ -12,7 +12,7 @@ import random
 import pytest
 
 import hf_reference as H
-from pdserve.engine import LLM, SamplingParams
+from pdserve.engine import LLM, SamplingParams, kv_tiers
 
 pytestmark = pytest.mark.integration
 
@@ -108,24 +108,29 @@ def test_bad_host_tier_configuration(hf_model_dir):
         LLM(model_dir, num_kv_blocks=24, kv_offload_memory=1 << 20, enable_prefix_caching=False)
 
 
-def test_disk_tier_is_exact_and_survives_a_restart(case, tmp_path):
+def test_disk_tier_is_exact_and_survives_a_restart(case, tmp_path, monkeypatch):
     """A host tier of 8 blocks spills to disk; a second engine on the same directory
     (a restarted worker) re-indexes the files, publishes them, and serves the prefixes
-    from disk: exact, and without computing them."""
+    from disk: exact, and without computing them. The first engine uses the default
+    (page-cache) I/O; the restarted one turns on O_DIRECT reads (PDSERVE_KV_DISK_DIRECT)
+    and finds nothing in the page cache (as after a reboot), so its reads take the
+    O_DIRECT path where the file system allows it."""
     model_dir, prompts, want = case
+    monkeypatch.delenv("PDSERVE_KV_DISK_DIRECT", raising=False)
     llm = LLM(model_dir, num_kv_blocks=24, kv_offload_memory=8 * 2 * 1024 * 16, kv_offload_dir=tmp_path / "kv")
     try:
         e = llm.engine
         assert 0 < e.num_host_blocks <= 10 and e.num_disk_blocks > 0
         run_and_check(llm, case, batch=3)
         files = e.executor.runner.host_kv.disk
-        assert files.num_written > 0
+        assert files.num_written > 0 and not files.direct
         assert len(e.kv.disk) > 0 and e.kv.disk.num_pinned == 0
         held = len(e.kv.disk)
         with pytest.raises(ValueError, match="in use by another worker"):
             LLM(model_dir, num_kv_blocks=24, kv_offload_memory=1 << 20, kv_offload_dir=tmp_path / "kv")
     finally:
         llm.shutdown()
+    monkeypatch.setenv("PDSERVE_KV_DISK_DIRECT", "1")
     again = LLM(model_dir, num_kv_blocks=24, kv_offload_memory=8 * 2 * 1024 * 16, kv_offload_dir=tmp_path / "kv")
     try:
         e = again.engine
@@ -133,9 +138,13 @@ def test_disk_tier_is_exact_and_survives_a_restart(case, tmp_path):
         stored = [ev for ev in e.kv.take_events() if ev.tier == "disk"]
         assert sum(len(ev.block_hashes) for ev in stored) == held  # published for the routers
         sp = SamplingParams(temperature=0.0, max_tokens=MAX_TOKENS, ignore_eos=True)
+        monkeypatch.setattr(kv_tiers, "cached_pages", lambda fd, size: 0)  # a cold page cache
         outs = again.generate(prompts[-3:], sp)
         assert [o.outputs[0].token_ids for o in outs] == want[-3:]
-        assert e.stats().tier_hit_tokens > 0 and e.executor.runner.host_kv.disk.num_read > 0
+        disk = e.executor.runner.host_kv.disk
+        assert e.stats().tier_hit_tokens > 0 and disk.num_read > 0
+        assert disk.num_direct_reads == (disk.num_read if disk.direct else 0)
+        assert disk.direct or not kv_tiers._supports_direct(disk.dir)
         s = again.kv_cache_stats()
         assert s.num_free_blocks == s.num_total_blocks and e.kv.disk.num_pinned == 0
     finally:

@@ -356,3 +356,33 @@ def test_tier_events_extend_the_match_after_the_region():
     idx.apply_event(pb.KVEvent(worker_id="b", cleared=pb.AllBlocksCleared()))
     assert idx.match_tiers(H, m) == {"a": 2}
     assert idx.workers() == ["a"]
+
+
+def test_pool_blocks_are_held_by_every_worker_after_its_own_until_their_ttl():
+    clock = FakeClock()
+    idx = PrefixIndex(clock=clock, pool_ttl_s=60.0)
+    H = list(range(2000, 2010))
+    idx.apply_event(stored("a", H[:2]))
+    idx.apply_event(pb.KVEvent(worker_id="a", stored=pb.BlocksStored(block_hashes=H[2:4], tier=pb.KV_TIER_HOST)))
+    # Worker c put blocks 0-7 to the pool: held by the pool, not by c.
+    idx.apply_event(pb.KVEvent(worker_id="c", stored=pb.BlocksStored(block_hashes=H[:8], tier=pb.KV_TIER_POOL)))
+    assert idx.num_pool_blocks() == 8 and idx.workers() == ["a"]
+    m = idx.match(H)
+    t = idx.match_tiers(H, m)
+    starts = {w: m.get(w, 0) + t.get(w, 0) for w in ("a", "b")}
+    assert starts == {"a": 4, "b": 0}
+    assert idx.match_pool(H, starts, ["a", "b", "new"]) == {"a": 4, "b": 8, "new": 8}
+    assert idx.match_pool(H[8:], {}, ["a"]) == {}  # the pool does not hold 8, 9
+    # A gap stops the run; a removal (never sent by workers today) counts at once.
+    idx.apply_event(pb.KVEvent(worker_id="c", removed=pb.BlocksRemoved(block_hashes=[H[5]], tier=pb.KV_TIER_POOL)))
+    assert idx.match_pool(H, starts, ["a", "b"]) == {"a": 1, "b": 5}
+    # The pool evicts silently: entries expire ``pool_ttl_s`` after their last put.
+    clock.advance(40)
+    idx.add_pool_blocks(H[:2])  # put again (another worker evicted them to its host tier)
+    clock.advance(30)
+    assert idx.match_pool(H, starts, ["a", "b"]) == {"b": 2}
+    assert idx.num_pool_blocks() == 2
+    clock.advance(31)
+    assert idx.match_pool(H, starts, ["a", "b"]) == {} and idx.num_pool_blocks() == 0
+    with pytest.raises(ValueError, match="pool_ttl_s"):
+        PrefixIndex(pool_ttl_s=0)

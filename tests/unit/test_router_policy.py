@@ -440,3 +440,17 @@ def test_router_never_imports_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("OK")
+
+
+def test_pool_blocks_count_for_every_worker_and_decide_the_prefill_hop():
+    # A 1024-token prefix put to the KV pool: every worker can read it, so the work left is
+    # the tail; with a 512-token disaggregation threshold no prefill hop is worth it.
+    r = cluster(disagg_threshold_tokens=512)
+    p = prompt(7, 1040)
+    hashes = block_hashes(p, BS)
+    r.index.apply_event(pb.KVEvent(worker_id="d1", stored=pb.BlocksStored(block_hashes=hashes[:64],
+                                                                         tier=pb.KV_TIER_POOL)))
+    d = r.route(p)
+    assert d.prefill_worker_id is None and d.cached_tokens_decode == 1024
+    # Without it, the prompt is worth a prefill worker.
+    assert cluster(disagg_threshold_tokens=512).route(p).prefill_worker_id is not None

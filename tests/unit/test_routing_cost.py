@@ -83,3 +83,20 @@ def test_tiers_device_beats_host_beats_recompute():
     assert best(prefill_costs(W, 1040, BS, cands[1:]), [1, 2]) == 1
     with pytest.raises(ValueError, match="tier_weight"):
         CostWeights(tier_weight=1.5)
+
+
+def test_tiers_device_beats_host_beats_pool_beats_recompute():
+    # 1024-token prefix: in the KV region, the host tier, the KV pool, nowhere.
+    cands = [PrefillCandidate(64, 0), PrefillCandidate(0, 0, tier_blocks=64), PrefillCandidate(0, 0, pool_blocks=64),
+             PrefillCandidate(0, 0)]
+    costs = prefill_costs(W, 1040, BS, cands)
+    assert costs[0] < costs[1] < costs[2] < costs[3]
+    assert costs[2] == pytest.approx(16 + W.pool_weight * 1024, rel=1e-6)
+    assert W.tier_weight < W.pool_weight < W.overlap_weight
+    # Decode side alike: host 32 blocks then pool 32 blocks beats the pool alone for all 64.
+    d = dict(used_tokens=0, requests=0, queued_prefill_tokens=0, free_blocks=4000, total_blocks=4096)
+    costs = decode_costs(W, 1040, BS, [DecodeCandidate(0, tier_blocks=32, pool_blocks=32, **d),
+                                       DecodeCandidate(0, pool_blocks=64, **d), DecodeCandidate(0, **d)])
+    assert best(costs) == 0 and costs[1] < costs[2]
+    with pytest.raises(ValueError, match="pool_weight"):
+        CostWeights(pool_weight=-0.1)

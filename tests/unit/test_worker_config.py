@@ -35,3 +35,19 @@ def test_credentials_are_arguments_not_flags_and_stay_out_of_repr():
 def test_bad_values_exit_2_naming_the_flag(flag, value, capsys):
     assert main("decode", ["--model", "m", "--store", "s", flag, value]) == 2
     assert flag in capsys.readouterr().err
+
+
+def test_kv_pool_flags_reach_the_engine_and_need_the_host_tier(tmp_path):
+    import json
+
+    from pdserve.deploy.runner import engine_config
+
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}))
+    base = dict(model=str(tmp_path), store="grpc://127.0.0.1:1", device="cpu", kv_pool_master="127.0.0.1:7000")
+    pool = engine_config(WorkerConfig(**base, kv_offload_memory=1 << 20)).cache.kv_pool
+    assert pool.master_address == "127.0.0.1:7000" and pool.local_hostname == "127.0.0.1"
+    with pytest.raises(ValueError, match="--kv-offload-memory"):  # the pool fills the host tier
+        engine_config(WorkerConfig(**base))
+    assert engine_config(WorkerConfig(**{**base, "kv_pool_master": None})).cache.kv_pool is None
