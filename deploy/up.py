@@ -36,6 +36,10 @@ from .gateway_cmd import add_routing_arguments, routing_config
 log = logging.getLogger("pdserve.up")
 
 
+DEFAULT_POOL_HOST_TIER_BYTES = 1 << 30
+"""Host tier per rank `pdserve up --kv-pool` gives workers whose spec names none."""
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", help="cluster spec YAML (flags below override its model and pool sizes)")
     p.add_argument("--model", help="Hugging Face model directory (default: the embedded tiny model)")
@@ -145,7 +149,13 @@ def run(args: argparse.Namespace) -> int:
             args.kv_pool_master = kv_master.address
             print(f"pdserve: KV pool master at {kv_master.address}", flush=True)
         if args.kv_pool_master:
-            spec = dataclasses.replace(spec, extra_args=spec.extra_args + ("--kv-pool-master", args.kv_pool_master))
+            extra = ("--kv-pool-master", args.kv_pool_master)
+            if not any(a.split("=", 1)[0] == "--kv-offload-memory" for a in spec.extra_args):
+                # The pool fills the host tier, which the worker refuses to run without.
+                extra += ("--kv-offload-memory", str(DEFAULT_POOL_HOST_TIER_BYTES))
+                print(f"pdserve: KV pool: workers get a host tier of {DEFAULT_POOL_HOST_TIER_BYTES >> 20} MiB "
+                      "(--kv-offload-memory in the spec's extra_args sets another)", flush=True)
+            spec = dataclasses.replace(spec, extra_args=spec.extra_args + extra)
         print(f"pdserve: starting {spec.num_workers()} workers for {spec.model} ...", flush=True)
         local_cpus = None
         if not args.ray_address:

@@ -38,7 +38,10 @@ def Worker(role: str, model_dir, store_url: str, worker_id: str, backend: str, e
     return w
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
+# torch_dist's run of this module is in the heavy tier (pytest -m heavy) for time: the
+# default run still takes torch_dist end to end through tp_cluster below, test_moe_disagg,
+# test_prompt_logprobs and test_kvtransfer_leases, and agent to agent in test_kvtransfer.
+@pytest.fixture(scope="module", params=["nixl", pytest.param("torch_dist", marks=pytest.mark.heavy)])
 def cluster(request, hf_model_dir):
     model_dir = hf_model_dir("llama")
     server = ControlPlaneServer()

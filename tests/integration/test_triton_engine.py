@@ -83,7 +83,10 @@ def _assert_all_blocks_free(engine: LLMEngine, label: str) -> None:
     assert s.num_free_blocks == s.num_total_blocks == NUM_BLOCKS, f"[{label}] blocks still referenced: {s}"
 
 
-@pytest.mark.parametrize("case", list(CASES))
+# llama-whole-prompts (the chunked case's model without chunking or fusion) is in the heavy
+# tier for time: the interpreter makes every case slow.
+@pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.heavy) if c == "llama-whole-prompts" else c
+                                  for c in CASES])
 def test_triton_engine_matches_hf(case, hf_model_dir):
     model_dir = hf_model_dir(CASES[case][0])
     vocab = H.read_config(model_dir)["vocab_size"]
