@@ -19,7 +19,7 @@ import torch
 from .config import EngineConfig
 from .executor import make_executor
 from .kv_cache_manager import KVCacheManager, KVCacheStats
-from .kv_tiers import DiskKVFiles, DiskTierMeta, layout_digest
+from .kv_tiers import DiskKVFiles, DiskTierMeta, layout_digest, tier_dtype
 from .model_runner import (ModelOutput, StepInputs, add_prompt_logprobs, kv_block_bytes, order_for_step,
                            prepare_inputs)
 from .output_processor import CompletionText
@@ -155,7 +155,7 @@ class LLMEngine:
         _, local_heads = TPGroup(0, tp).kv_head_shard(m.num_kv_heads)
         shape = (m.num_layers, m.num_cache_planes, local_heads, c.cache.block_size, m.head_dim)
         digest = layout_digest(c)
-        files = [DiskKVFiles(c.cache.offload_dir, r, digest, shape, c.dtype) for r in range(tp)]
+        files = [DiskKVFiles(c.cache.offload_dir, r, digest, shape, tier_dtype(c)) for r in range(tp)]
         entries = self._disk_meta.scan(self.num_disk_blocks, files)
         self.kv.disk.restore(entries)
         if entries:

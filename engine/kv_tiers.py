@@ -54,6 +54,12 @@ def as_int64(block_hash: int) -> int:
     return block_hash - (1 << 64) if block_hash >= 1 << 63 else block_hash
 
 
+def tier_dtype(config) -> torch.dtype:
+    """The element type the tiers copy and store: the cache's, except that an FP8 cache is
+    moved as uint8 (same bytes; CPU torch has no float8 ``index_copy_``/``index_put_``)."""
+    return torch.uint8 if config.kv_dtype == torch.float8_e4m3fn else config.kv_dtype
+
+
 def layout_digest(config) -> str:
     """What a disk-tier file must match to be reused: the model's config, the cache dtype,
     block size, TP size and cache kind (another layout's bytes are never loaded)."""

@@ -22,7 +22,7 @@ from .attention import FP8_KV_DTYPE, AttentionBackend, AttentionMetadata, make_a
 from .cuda_graphs import DecodeGraphRunner
 from .config import EngineConfig
 from .kv_pool_tier import IDLE_POLL_S, KVPoolAgent, PoolReport, make_pool_agent
-from .kv_tiers import DiskKVFiles, HostKVCache, layout_digest
+from .kv_tiers import DiskKVFiles, HostKVCache, layout_digest, tier_dtype
 from .loader import kv_scales_for, load_model
 from .moe import set_expert_dispatch
 from .parallel import TPGroup
@@ -269,7 +269,7 @@ class ModelRunner:
         self.kv_scales = kv_scales_for(self.model, config) if config.kv_dtype == FP8_KV_DTYPE else None
         """Per-layer (k_scale, v_scale) of an FP8 cache; None otherwise."""
         # The tiers copy bytes; float8 has no CPU index_copy_/index_put_, so they see uint8.
-        copyable = self.kv_cache.view(torch.uint8) if config.kv_dtype == FP8_KV_DTYPE else self.kv_cache
+        copyable = self.kv_cache.view(tier_dtype(config))
         self.host_kv: HostKVCache | None = None
         num_host_blocks = config.cache.num_host_blocks(kv_block_bytes(config, tp))
         if num_host_blocks:

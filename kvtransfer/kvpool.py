@@ -20,9 +20,10 @@ Contract of :class:`KVPoolClient` (numbered, like ``kvtransfer.base``):
    peer that held it gone (``TRANSFER_FAIL`` until the master expires the peer), and a
    stored block whose size differs from the buffer (logged as a warning: two writers
    disagree on the layout a key names).
-4. Master unreachable raises :class:`KVPoolUnavailable`, quickly: the call that finds it
-   (``RPC_FAIL``) raises at once, and for ``retry_interval_s`` afterwards every call
-   raises without touching the library; then one TCP connect (``connect_timeout_s``)
+4. Master unreachable raises :class:`KVPoolUnavailable`: the call that finds it
+   (``RPC_FAIL``) raises when the library gives up (its RPC timeout, seconds, after a
+   crash), and for ``retry_interval_s`` afterwards every call raises without touching
+   the library (``library_calls`` does not move); then one TCP connect (``connect_timeout_s``)
    decides whether the next call may try again. The library's own retries (seconds per
    call once its heartbeat gives up) are never waited on twice. The engine keeps
    serving from its own tiers meanwhile.

@@ -103,6 +103,24 @@ def test_host_tier_round_trip_is_exact(case):
         assert stats.tier_hit_tokens > 0 and llm.engine.kv.host.num_pinned == 0
 
 
+def test_disk_tier_keeps_fp8_blocks_across_a_restart(case, tmp_path):
+    """FP8 blocks spilled to the disk tier are re-indexed by a restarted engine (the files
+    hold FP8 bytes; the re-index must expect FP8-sized blocks) and served from disk exactly."""
+    model_dir, prompts, want, _ = case
+    # A region of 20 blocks and a host tier of 4 (FP8 blocks of this model are 6 KiB): the
+    # prompts' ~34 blocks overflow both, so the host tier spills to disk.
+    kw = dict(kv_cache_dtype="fp8_e4m3", num_kv_blocks=20, kv_offload_memory=4 * 6144, kv_offload_dir=tmp_path / "kv")
+    with LLM(model_dir, **kw) as llm:
+        assert llm.engine.num_host_blocks == 4
+        check(llm, case, batch=1)
+        held = len(llm.engine.kv.disk)
+        assert held > 0
+    with LLM(model_dir, **kw) as again:
+        assert len(again.engine.kv.disk) == held  # every block the first run left, re-indexed
+        check(again, case, batch=1)
+        assert again.engine.executor.runner.host_kv.disk.num_read > 0
+
+
 def test_tensor_parallel_2_is_exact(case):
     with LLM(case[0], kv_cache_dtype="fp8_e4m3", tensor_parallel_size=2) as llm:
         check(llm, case)
