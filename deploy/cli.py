@@ -38,9 +38,8 @@ def cmd_make_tiny_model(args: argparse.Namespace) -> int:
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from pdserve.engine import LLM, SamplingParams
+    from pdserve.engine.sampling_params import SamplingParams  # no torch: bad arguments fail in a blink
 
-    model = _resolve_model(args.model)
     params = SamplingParams(
         temperature=args.temperature,
         top_p=args.top_p,
@@ -49,6 +48,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=tuple(args.stop or ()),
     )
+
+    from pdserve.engine import LLM
+
+    model = _resolve_model(args.model)
     prompts = args.prompt or ["The quick brown fox"]
     with LLM(model, tensor_parallel_size=args.tensor_parallel_size, dtype=args.dtype) as llm:
         for prompt, out in zip(prompts, llm.generate(prompts, params)):
