@@ -40,6 +40,16 @@ DEFAULT_POOL_HOST_TIER_BYTES = 1 << 30
 """Host tier per rank `pdserve up --kv-pool` gives workers whose spec names none."""
 
 
+def pool_worker_args(extra_args: tuple[str, ...], master: str) -> tuple[str, ...]:
+    """The worker arguments `pdserve up` adds for a KV pool at ``master``: its address, and
+    a host tier of ``DEFAULT_POOL_HOST_TIER_BYTES`` unless ``extra_args`` name one (the
+    pool fills the host tier; a worker refuses the pool without it)."""
+    extra = ("--kv-pool-master", master)
+    if not any(a.split("=", 1)[0] == "--kv-offload-memory" for a in extra_args):
+        extra += ("--kv-offload-memory", str(DEFAULT_POOL_HOST_TIER_BYTES))
+    return extra
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--spec", help="cluster spec YAML (flags below override its model and pool sizes)")
     p.add_argument("--model", help="Hugging Face model directory (default: the embedded tiny model)")
@@ -149,10 +159,8 @@ def run(args: argparse.Namespace) -> int:
             args.kv_pool_master = kv_master.address
             print(f"pdserve: KV pool master at {kv_master.address}", flush=True)
         if args.kv_pool_master:
-            extra = ("--kv-pool-master", args.kv_pool_master)
-            if not any(a.split("=", 1)[0] == "--kv-offload-memory" for a in spec.extra_args):
-                # The pool fills the host tier, which the worker refuses to run without.
-                extra += ("--kv-offload-memory", str(DEFAULT_POOL_HOST_TIER_BYTES))
+            extra = pool_worker_args(spec.extra_args, args.kv_pool_master)
+            if "--kv-offload-memory" in extra:
                 print(f"pdserve: KV pool: workers get a host tier of {DEFAULT_POOL_HOST_TIER_BYTES >> 20} MiB "
                       "(--kv-offload-memory in the spec's extra_args sets another)", flush=True)
             spec = dataclasses.replace(spec, extra_args=spec.extra_args + extra)

@@ -51,3 +51,25 @@ def test_kv_pool_flags_reach_the_engine_and_need_the_host_tier(tmp_path):
     with pytest.raises(ValueError, match="--kv-offload-memory"):  # the pool fills the host tier
         engine_config(WorkerConfig(**base))
     assert engine_config(WorkerConfig(**{**base, "kv_pool_master": None})).cache.kv_pool is None
+
+
+def test_pdserve_up_gives_pool_workers_a_host_tier_unless_the_spec_names_one(tmp_path):
+    """`pdserve up --kv-pool` adds the master's address and, when the spec's extra_args name
+    no host tier, a default one: the worker it starts then accepts the pool."""
+    import json
+
+    from pdserve.deploy.runner import build_parser, engine_config
+    from pdserve.deploy.up import DEFAULT_POOL_HOST_TIER_BYTES, pool_worker_args
+
+    extra = pool_worker_args(("--drain-timeout", "60"), "127.0.0.1:7000")
+    assert extra == ("--kv-pool-master", "127.0.0.1:7000", "--kv-offload-memory", str(DEFAULT_POOL_HOST_TIER_BYTES))
+    for named in (("--kv-offload-memory", "4096"), ("--kv-offload-memory=4096",)):
+        assert pool_worker_args(named, "127.0.0.1:7000") == ("--kv-pool-master", "127.0.0.1:7000")
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 100, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256}))
+    args = build_parser("decode").parse_args(["--model", str(tmp_path), "--store", "grpc://127.0.0.1:1",
+                                              "--device", "cpu", *extra])
+    cache = engine_config(WorkerConfig(**vars(args))).cache
+    assert cache.kv_pool.master_address == "127.0.0.1:7000"
+    assert cache.offload_memory_bytes == DEFAULT_POOL_HOST_TIER_BYTES
