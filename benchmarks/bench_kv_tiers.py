@@ -320,7 +320,6 @@ def run_fp8(args) -> None:
     from pdserve.deploy.cli import _resolve_model
 
     run(str(_resolve_model(args.model).resolve()), seed=args.seed)
-    raise SystemExit(0)
 
 
 def main() -> None:
@@ -344,7 +343,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if args.fp8:
-        run_fp8(args)
+        return run_fp8(args)
 
     from pdserve.deploy.cli import _resolve_model
     from pdserve.engine.config import ModelConfig

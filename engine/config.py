@@ -357,24 +357,21 @@ class CacheConfig:
 
     def num_disk_blocks(self, block_bytes: int) -> int:
         """Disk-tier blocks per rank (0: no disk tier); ValueError when one does not fit."""
-        if self.offload_dir is None:
-            return 0
-        n = self.offload_dir_bytes // block_bytes
-        if n < 1:
-            raise ValueError(f"offload_dir_bytes={self.offload_dir_bytes} cannot hold one KV block "
-                             f"({block_bytes} bytes per rank)")
-        return n
+        return 0 if self.offload_dir is None else _tier_blocks("offload_dir_bytes", self.offload_dir_bytes, block_bytes)
 
     def num_host_blocks(self, block_bytes: int) -> int:
         """Host-tier blocks per rank for blocks of ``block_bytes`` (0: no tier); ValueError
         when the budget cannot hold one block."""
         if not self.offload_memory_bytes:
             return 0
-        n = self.offload_memory_bytes // block_bytes
-        if n < 1:
-            raise ValueError(f"offload_memory_bytes={self.offload_memory_bytes} cannot hold one KV block "
-                             f"({block_bytes} bytes per rank)")
-        return n
+        return _tier_blocks("offload_memory_bytes", self.offload_memory_bytes, block_bytes)
+
+
+def _tier_blocks(name: str, budget: int, block_bytes: int) -> int:
+    n = budget // block_bytes
+    if n < 1:
+        raise ValueError(f"{name}={budget} cannot hold one KV block ({block_bytes} bytes per rank)")
+    return n
 
 
 @dataclass(frozen=True)
